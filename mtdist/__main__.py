@@ -1,0 +1,5 @@
+import sys
+
+from mtdist.cli import main
+
+sys.exit(main())

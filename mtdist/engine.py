@@ -1,0 +1,61 @@
+"""The only module that imports deepspeed: the student inside a DeepSpeed engine.
+
+Our optimizer (SGD with Nesterov as in the paper, or AdamW) and our lr schedule (a pure
+function of the fractional epoch) are handed to DeepSpeed, which steps the schedule once per
+optimizer step and saves both in its checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import deepspeed
+import torch
+from torch import nn
+
+from mtdist.config import Config
+from mtdist.plan import Plan
+from mtdist.schedules import learning_rate
+
+# DeepSpeed logs every config key at INFO on every rank; keep its warnings only.
+logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def build_optimizer(cfg: Config, student: nn.Module) -> torch.optim.Optimizer:
+    """Weight decay on all parameters, as in the paper; foreach kernels where available."""
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(
+            student.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+            weight_decay=o.weight_decay, foreach=True,
+        )
+    return torch.optim.AdamW(
+        student.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, foreach=True,
+    )
+
+
+def lr_factor(cfg: Config, plan: Plan, step: int) -> float:
+    """lr at optimizer step `step` as a fraction of optim.lr (LambdaLR multiplies the base lr)."""
+    s = cfg.schedule
+    epoch = plan.epoch(step)
+    lr = learning_rate(
+        epoch, lr=cfg.optim.lr, warmup_start_lr=s.warmup_start_lr,
+        warmup_epochs=s.warmup_epochs, rampdown_epochs=s.rampdown_epochs,
+    )
+    return lr / cfg.optim.lr
+
+
+def init_distributed(backend: str) -> None:
+    """Let DeepSpeed's comm layer adopt the torch process group that mtdist.dist created."""
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+def build_engine(cfg: Config, student: nn.Module, plan: Plan) -> Any:
+    optimizer = build_optimizer(cfg, student)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, plan, step))
+    engine, _, _, _ = deepspeed.initialize(
+        model=student, optimizer=optimizer, lr_scheduler=scheduler, config=plan.deepspeed_config,
+        dist_init_required=False,
+    )
+    return engine

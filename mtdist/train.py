@@ -1,0 +1,261 @@
+"""main(cfg): wire the components, then a short loop of Mean Teacher steps.
+
+The same code runs as one process, under torchrun or the deepspeed launcher, under srun or
+submitit: it reads only the torch.distributed environment contract (mtdist.dist).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from tqdm import tqdm
+
+from mtdist import data as mtdata
+from mtdist.config import Config, save_config
+from mtdist.dist import DistEnv, dist_env_from_environ, init_process_group
+from mtdist.ema import Teacher, check_synchronized
+from mtdist.engine import build_engine, init_distributed
+from mtdist.evaluate import evaluate
+from mtdist.logger import MetricsLogger
+from mtdist.models import build_model
+from mtdist.plan import Plan, dataset_sizes, make_plan
+from mtdist.schedules import consistency_weight, ema_decay
+from mtdist.step import LossWeights, train_step
+
+log = logging.getLogger("mtdist")
+
+
+@dataclass
+class Run:
+    """Everything the loop touches, built once by build_run()."""
+
+    cfg: Config
+    env: DistEnv
+    device: torch.device
+    plan: Plan
+    engine: Any
+    teacher: Teacher | None
+    train_batches: Iterator
+    run_dir: Path
+    metrics: MetricsLogger
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return autocast_dtype(self.cfg)
+
+
+def autocast_dtype(cfg: Config) -> torch.dtype | None:
+    if cfg.deepspeed.bf16:
+        return torch.bfloat16
+    return torch.float16 if cfg.deepspeed.fp16 else None
+
+
+def build_student(cfg: Config) -> nn.Module:
+    m, d = cfg.model, cfg.data
+    return build_model(
+        m.arch, d.num_classes, two_heads=m.two_heads, small_input=m.small_input, in_channels=d.channels,
+        dropout=m.dropout, input_size=d.image_size, width=m.width,
+    )
+
+
+def build_teacher(cfg: Config, student: nn.Module, device: torch.device) -> Teacher:
+    mt = cfg.mean_teacher
+
+    def fresh() -> nn.Module:
+        torch.manual_seed(cfg.seed + 1)  # the same independent init on every rank
+        return build_student(cfg)
+
+    teacher = Teacher.from_student(student, mt.teacher_init, fresh, decay=mt.ema_decay,
+                                   autocast_dtype=autocast_dtype(cfg), bn_policy=mt.teacher_bn)
+    teacher.module.to(device)
+    if cfg.model.channels_last and device.type == "cuda":
+        teacher.module.to(memory_format=torch.channels_last)
+    return teacher
+
+
+def build_train_batches(cfg: Config, env: DistEnv, plan: Plan) -> Iterator:
+    d = cfg.data
+    train_tf, _ = mtdata.make_transforms(d.augment, d.image_size, d.channels, **_augment_kwargs(cfg))
+    unlabeled = mtdata.resolve_shards(d.unlabeled) if plan.unlabeled_per_gpu else []
+    return mtdata.build_train_loader(
+        mtdata.resolve_shards(d.labeled), unlabeled, labeled_per_gpu=plan.labeled_per_gpu,
+        unlabeled_per_gpu=plan.unlabeled_per_gpu, rank=env.rank, world_size=env.world_size, seed=cfg.seed,
+        transform=train_tf, channels=d.channels, num_workers=d.num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def _augment_kwargs(cfg: Config) -> dict[str, Any]:
+    if cfg.data.augment == "digits":
+        return {"shift_px": cfg.data.shift_px, "noise_std": cfg.data.noise_std}
+    return {}
+
+
+def eval_batches(cfg: Config, env: DistEnv, spec: str) -> Any:
+    d = cfg.data
+    _, eval_tf = mtdata.make_transforms(d.augment, d.image_size, d.channels, **_augment_kwargs(cfg))
+    return mtdata.build_eval_loader(
+        mtdata.resolve_shards(spec), batch_size=d.eval_batch_size_per_gpu, rank=env.rank,
+        world_size=env.world_size, transform=eval_tf, channels=d.channels, num_workers=min(d.num_workers, 2),
+    )
+
+
+def set_cpu_threads(device: torch.device) -> None:
+    """Ranks sharing one CPU must not each start a thread per core (they would oversubscribe it)."""
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+
+
+def build_run(cfg: Config) -> Run:
+    env = dist_env_from_environ()
+    device = init_process_group(env, cfg.deepspeed.backend)
+    init_distributed("nccl" if device.type == "cuda" else "gloo")
+    set_cpu_threads(device)
+    run_dir = Path(cfg.logging.run_dir)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    plan = make_plan(cfg, env.world_size, *dataset_sizes(cfg))
+    torch.manual_seed(cfg.seed)  # identical student init on every rank
+    student = build_student(cfg).to(device)
+    if cfg.model.channels_last and device.type == "cuda":
+        student = student.to(memory_format=torch.channels_last)
+    teacher = build_teacher(cfg, student, device) if cfg.mean_teacher.enabled else None
+    engine = build_engine(cfg, student, plan)
+    torch.manual_seed(cfg.seed * 1_000_003 + env.rank)  # dropout differs per rank, as its data does
+    torch_dist.barrier()
+    return Run(cfg, env, device, plan, engine, teacher, build_train_batches(cfg, env, plan), run_dir,
+               MetricsLogger(run_dir, env.is_main))
+
+
+def to_device(batch: tuple[torch.Tensor, ...], run: Run) -> tuple[torch.Tensor, ...]:
+    out = [t.to(run.device, non_blocking=True) for t in batch]
+    if run.cfg.model.channels_last and run.device.type == "cuda":
+        out[0], out[1] = (t.contiguous(memory_format=torch.channels_last) for t in out[:2])
+    return tuple(out)
+
+
+def loss_weights(cfg: Config, epoch: float) -> LossWeights:
+    mt = cfg.mean_teacher
+    return LossWeights(
+        consistency_kind=mt.consistency,
+        consistency_weight=consistency_weight(epoch, weight=mt.consistency_weight,
+                                              rampup_epochs=mt.consistency_rampup_epochs),
+        logit_distance_cost=mt.logit_distance_cost,
+    )
+
+
+class Window:
+    """Loss terms summed since the last log line; reduced across ranks once per log interval."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.start = time.perf_counter()
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.float()
+        self.count += 1
+
+    def reduce(self, device: torch.device) -> dict[str, float]:
+        keys = sorted(self.sums)
+        values = torch.stack([self.sums[k] for k in keys]).to(device) / self.count
+        if torch_dist.is_initialized():
+            torch_dist.all_reduce(values)
+            values /= torch_dist.get_world_size()
+        return dict(zip(keys, values.tolist(), strict=True))
+
+
+def evaluate_both(run: Run, spec: str, step: int, prefix: str) -> dict[str, float]:
+    """Student and teacher on the same split; the teacher's rank-sync is checked first."""
+    out: dict[str, float] = {}
+    cl = run.cfg.model.channels_last and run.device.type == "cuda"
+    models = {"student": run.engine.module}
+    if run.teacher is not None:
+        run.teacher.sync_buffers()
+        check_synchronized(run.teacher, step)
+        models["teacher"] = run.teacher.module
+    for name, model in models.items():
+        res = evaluate(model, eval_batches(run.cfg, run.env, spec), run.device, run.autocast_dtype, cl)
+        out |= {f"{prefix}/{name}/top1": res["top1"], f"{prefix}/{name}/top5": res["top5"]}
+        out[f"{prefix}/count"] = res["count"]
+    return out
+
+
+def log_step(run: Run, step: int, window: Window, bar: tqdm) -> None:
+    cfg, plan = run.cfg, run.plan
+    elapsed = time.perf_counter() - window.start
+    images_per_s = cfg.data.batch_size * window.count / cfg.deepspeed.grad_accum_steps / elapsed
+    row = window.reduce(run.device) | {
+        "train/lr": run.engine.get_lr()[0], "train/epoch": plan.epoch(step),
+        "train/consistency_weight": loss_weights(cfg, plan.epoch(step - 1)).consistency_weight,
+        "data/images_per_s": images_per_s, "system/world_size": run.env.world_size,
+    }
+    if run.teacher is not None:
+        row["train/ema_decay"] = ema_decay(max(run.teacher.updates, 1), cfg.mean_teacher.ema_decay)
+    run.metrics.log(step, row)
+    bar.set_postfix(loss=f"{row['loss/total']:.3f}", img_s=f"{images_per_s:.0f}")
+
+
+def eval_due(cfg: Config, plan: Plan, step: int) -> bool:
+    interval = cfg.logging.eval_interval_steps or plan.steps_per_epoch
+    return bool(cfg.data.val) and (step % interval == 0 or step == plan.total_steps)
+
+
+def train_loop(run: Run, start_step: int = 0) -> None:
+    cfg, plan = run.cfg, run.plan
+    if run.teacher is not None:
+        run.teacher.train()  # the paper runs the teacher in train mode: its own BN batch statistics
+    bar = tqdm(total=plan.total_steps, initial=start_step, disable=not (run.env.is_main and cfg.logging.progress_bar),
+               unit="step", dynamic_ncols=True)
+    window = Window()
+    for step in range(start_step, plan.total_steps):
+        weights = loss_weights(cfg, plan.epoch(step))
+        for _ in range(cfg.deepspeed.grad_accum_steps):
+            terms, _ = train_step(run.engine, run.teacher, to_device(next(run.train_batches), run), weights, step)
+            window.add(terms)
+        done = step + 1
+        bar.update(1)
+        if done % cfg.logging.log_interval_steps == 0 or done == plan.total_steps:
+            log_step(run, done, window, bar)
+            window = Window()
+        if eval_due(cfg, plan, done):
+            run.metrics.log(done, evaluate_both(run, cfg.data.val, done, "eval"))
+    bar.close()
+
+
+def final_results(run: Run) -> dict[str, float]:
+    """Val and test of student and teacher after the last step; written to final.json on rank 0."""
+    out: dict[str, float] = {"step": run.plan.total_steps}
+    for split in ("val", "test"):
+        spec = getattr(run.cfg.data, split)
+        if spec:
+            out |= evaluate_both(run, spec, run.plan.total_steps, split)
+    if run.env.is_main:
+        (run.run_dir / "final.json").write_text(json.dumps(out, indent=2))
+        run.metrics.log(run.plan.total_steps, out)
+    return out
+
+
+def main(cfg: Config) -> dict[str, float]:
+    """Train as configured and return the final metrics (the same on every rank)."""
+    run = build_run(cfg)
+    log.info("training %d steps (%d per epoch) on %d rank(s), %d images per step",
+             run.plan.total_steps, run.plan.steps_per_epoch, run.env.world_size, cfg.data.batch_size)
+    train_loop(run)
+    results = final_results(run)
+    run.metrics.close()
+    return results
+
