@@ -38,6 +38,7 @@ class DataConfig:
     unlabeled_size: int = 0  # unlabeled images (one epoch = one pass); 0 = from the index
     num_workers: int = 4  # loader worker processes per stream and rank
     shuffle_buffer: int = 1000
+    cache_decoded: bool = False  # keep decoded images in memory after their first read (small data only)
     eval_batch_size_per_gpu: int = 100
 
 

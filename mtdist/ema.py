@@ -1,7 +1,10 @@
 """The teacher: an fp32 exponential moving average of the student, updated in place.
 
-One fused update per optimizer step (torch._foreach_lerp_ over all parameters at once, as in
-timm's ModelEmaV3), at the gradient-accumulation boundary only. The decay is a separate pure
+One fused update per optimizer step, at the gradient-accumulation boundary only: the teacher's
+parameters are views into one flat fp32 buffer, and when the student's are too (see
+flatten_parameters_) the update is a single lerp_ over that buffer, at memory-copy speed;
+otherwise one torch._foreach_lerp_ over all tensors (as timm's ModelEmaV3). On CPU the
+foreach path is ~5x slower than one flat lerp_ (benchmarks/ema.py). The decay is a separate pure
 function (mtdist.schedules.ema_decay). The forward runs in the run's mixed precision while
 the weights stay fp32: with decay 0.9997 an update is ~3e-4 of the difference, below bf16's
 resolution, so a low-precision EMA would stall.
@@ -27,6 +30,7 @@ class Teacher:
         self.module = module.float()
         for p in self.module.parameters():
             p.requires_grad_(False)
+        self._flat = flatten_parameters_(self.module)
         self.decay = decay
         self.autocast_dtype = autocast_dtype
         self.bn_policy = bn_policy
@@ -45,6 +49,10 @@ class Teacher:
         self.updates += 1
         a = ema_decay(self.updates, self.decay)
         student_params = [p.detach() for p in student.parameters()]
+        student_flat = flat_view(student_params)
+        if student_flat is not None and student_flat.dtype == torch.float32:
+            self._flat.lerp_(student_flat, 1.0 - a)
+            return a
         if student_params[0].dtype != torch.float32:  # a half student (no autocast): average in fp32
             student_params = [p.float() for p in student_params]
         torch._foreach_lerp_(self._params, student_params, 1.0 - a)
@@ -93,6 +101,37 @@ class Teacher:
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["module"])
         self.updates = int(state["updates"])
+
+
+def flat_view(params: list[torch.Tensor]) -> torch.Tensor | None:
+    """The 1-D buffer that `params` tile contiguously, in order, or None if they do not."""
+    first = params[0]
+    storage, start = first.untyped_storage(), first.storage_offset()
+    offset = start
+    for p in params:
+        same = p.untyped_storage().data_ptr() == storage.data_ptr() and p.dtype == first.dtype
+        if not (same and p.storage_offset() == offset and p.is_contiguous()):
+            return None
+        offset += p.numel()
+    return first.new_empty(0).set_(storage, start, (offset - start,))
+
+
+@torch.no_grad()
+def flatten_parameters_(module: nn.Module) -> torch.Tensor:
+    """Re-point every parameter of `module` to a view of one new contiguous buffer; returns it.
+
+    Values, shapes, dtypes and identities of the Parameter objects are unchanged, so optimizers
+    and DeepSpeed see the same module; an EMA over the module becomes one elementwise op.
+    """
+    params = list(module.parameters())
+    if len({(p.dtype, p.device) for p in params}) != 1:
+        raise ValueError("flatten_parameters_: parameters must share one dtype and device")
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for p in params:
+        p.data = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return flat
 
 
 def check_synchronized(teacher: Teacher, step: int) -> str:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from mtdist import data as mtdata
 from mtdist.config import Config, save_config
 from mtdist.dist import DistEnv, dist_env_from_environ, init_process_group
-from mtdist.ema import Teacher, check_synchronized
+from mtdist.ema import Teacher, check_synchronized, flatten_parameters_
 from mtdist.engine import build_engine, init_distributed
 from mtdist.evaluate import evaluate
 from mtdist.logger import MetricsLogger
@@ -90,8 +90,8 @@ def build_train_batches(cfg: Config, env: DistEnv, plan: Plan) -> Iterator:
     return mtdata.build_train_loader(
         mtdata.resolve_shards(d.labeled), unlabeled, labeled_per_gpu=plan.labeled_per_gpu,
         unlabeled_per_gpu=plan.unlabeled_per_gpu, rank=env.rank, world_size=env.world_size, seed=cfg.seed,
-        transform=train_tf, channels=d.channels, num_workers=d.num_workers,
-        pin_memory=torch.cuda.is_available(),
+        transform=train_tf, channels=d.channels, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
+        cache_decoded=d.cache_decoded, pin_memory=torch.cuda.is_available(),
     )
 
 
@@ -131,6 +131,7 @@ def build_run(cfg: Config) -> Run:
     student = build_student(cfg).to(device)
     if cfg.model.channels_last and device.type == "cuda":
         student = student.to(memory_format=torch.channels_last)
+    flatten_parameters_(student)  # the teacher update becomes one lerp_ over a flat buffer
     teacher = build_teacher(cfg, student, device) if cfg.mean_teacher.enabled else None
     engine = build_engine(cfg, student, plan)
     torch.manual_seed(cfg.seed * 1_000_003 + env.rank)  # dropout differs per rank, as its data does

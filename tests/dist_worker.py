@@ -13,6 +13,7 @@ import torch
 import torch.distributed as torch_dist
 
 from mtdist.config import load_config
+from mtdist.ema import flat_view
 from mtdist.train import build_run, final_results, train_loop
 
 
@@ -26,6 +27,7 @@ def main(config: str, out: str, overrides: list[str]) -> None:
         "teacher_updates": run.teacher.updates,
         "global_steps": run.engine.global_steps,
         "total_steps": run.plan.total_steps,
+        "student_flat": flat_view(list(run.engine.module.parameters())) is not None,
         "results": results,
     }
     torch.save(state, Path(out) / f"rank{torch_dist.get_rank()}.pt")

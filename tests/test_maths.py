@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mtdist.ema import Teacher
+from mtdist.ema import Teacher, flat_view, flatten_parameters_
 from mtdist.losses import (
     consistency_loss,
     kl_consistency,
@@ -123,6 +123,22 @@ def test_fused_teacher_update_matches_the_per_parameter_formula():
         assert p_t.dtype == torch.float32
     assert teacher.update(student) == pytest.approx(2 / 3)
     assert teacher.updates == 2
+
+
+def test_flat_update_equals_foreach_update():
+    torch.manual_seed(0)
+    student = build_model("resnet18", 10, width=8)
+    t_flat = Teacher(build_model("resnet18", 10, width=8), decay=0.9, autocast_dtype=None)
+    t_each = Teacher(build_model("resnet18", 10, width=8), decay=0.9, autocast_dtype=None)
+    t_each.load_state_dict(t_flat.state_dict())
+    t_each.update(student)  # student parameters are separate tensors: the foreach path
+    before = [p.clone() for p in student.parameters()]
+    flat = flatten_parameters_(student)
+    assert flat_view(list(student.parameters())) is not None and flat.numel() == sum(p.numel() for p in before)
+    assert all(torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
+    t_flat.update(student)
+    for a, b in zip(t_flat.module.parameters(), t_each.module.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
 
 
 def test_teacher_forward_runs_in_autocast_with_fp32_weights():

@@ -49,6 +49,7 @@ def test_teacher_updated_once_per_optimizer_step(two_rank_run):
         assert state["total_steps"] == 6
         assert state["global_steps"] == 6  # 12 micro-batches at grad_accum_steps=2
         assert state["teacher_updates"] == 6
+        assert state["student_flat"]  # DeepSpeed (ZeRO 0) kept the flat buffer: the one-lerp_ EMA path
 
 
 def test_teacher_bitwise_identical_across_ranks_and_different_from_student(two_rank_run):
