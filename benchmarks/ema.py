@@ -53,7 +53,9 @@ def main() -> None:
     torch.manual_seed(0)
     student = build_model(args.arch, 1000, two_heads=True).to(device)
     flatten_parameters_(student)  # as mtdist.train does before handing the student to DeepSpeed
-    teacher = Teacher(build_model(args.arch, 1000, two_heads=True).to(device), decay=0.9997, autocast_dtype=None)
+    teacher = Teacher(
+        build_model(args.arch, 1000, two_heads=True).to(device), decay=0.9997, autocast_dtype=None
+    )
     teacher.updates = 10**6  # past the warm-up: the steady-state decay
     t_params, s_params = list(teacher.module.parameters()), [p.detach() for p in student.parameters()]
     n_bytes = sum(p.numel() * p.element_size() for p in t_params)
@@ -65,13 +67,17 @@ def main() -> None:
     copy = median_seconds(lambda: flat_dst.copy_(flat_src), args.repeats, device)
     copy_bw = 2 * n_bytes / copy
     fused_bw = 3 * n_bytes / fused
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"device {device}, torch {torch.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"device {device}, torch {torch.__version__}"
+    )
     print(f"{args.arch}: {len(t_params)} tensors, {n_bytes / 2**20:.0f} MiB fp32")
     print(f"fused teacher update   {fused * 1e3:8.2f} ms  {fused_bw / 1e9:6.1f} GB/s")
     print(f"authors' loop          {loop * 1e3:8.2f} ms")
     print(f"memory copy, same bytes{copy * 1e3:8.2f} ms  {copy_bw / 1e9:6.1f} GB/s")
-    print(f"ratio loop / fused: {loop / fused:.2f}x; fused reaches {fused_bw / copy_bw:.0%} of copy bandwidth")
+    print(
+        f"ratio loop / fused: {loop / fused:.2f}x; fused reaches {fused_bw / copy_bw:.0%} of copy bandwidth"
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import sys
 import yaml
 
 from mtdist.config import Config, ConfigError, load_config, to_dict
+from mtdist.preempt import REQUEUE_EXIT_CODE, Preempted
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -18,10 +19,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train from a config file")
-    train.add_argument("--config", required=True, help="YAML file, e.g. configs/imagenet_resnet152_10pct.yaml")
+    train.add_argument(
+        "--config", required=True, help="YAML file, e.g. configs/imagenet_resnet152_10pct.yaml"
+    )
     train.add_argument("--dry-run", action="store_true", help="print the resolved and derived config, exit")
-    train.add_argument("--world-size", type=int, default=0,
-                       help="dry-run only: ranks to plan for (default cluster.nodes x cluster.gpus_per_node)")
+    train.add_argument(
+        "--world-size",
+        type=int,
+        default=0,
+        help="dry-run only: ranks to plan for (default cluster.nodes x cluster.gpus_per_node)",
+    )
     train.add_argument("overrides", nargs="*", metavar="key=value")
 
     demo = sub.add_parser("demo", help="supervised-only vs Mean Teacher on MNIST-5k, 10%% labels")
@@ -72,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"mtdist: config error: {err}", file=sys.stderr)
         return 2
+    except Preempted as err:
+        print(f"mtdist: {err}; exit {REQUEUE_EXIT_CODE} = requeue me", file=sys.stderr)
+        return REQUEUE_EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -100,6 +100,9 @@ class CheckpointConfig:
     keep_last: int = 3
     keep_best: bool = True  # also keep the best by teacher top-1
     resume: str = "auto"  # auto | never | a checkpoint folder
+    signals: list[str] = field(
+        default_factory=lambda: ["SIGUSR1", "SIGUSR2", "SIGTERM"]
+    )  # -> checkpoint, exit
 
 
 @dataclass
@@ -274,13 +277,27 @@ def _check_choices(cfg: Config) -> None:
 
 
 def _check_positive(cfg: Config) -> None:
-    for key in ("data.batch_size", "data.num_classes", "data.image_size", "data.channels",
-                "deepspeed.grad_accum_steps", "data.eval_batch_size_per_gpu", "cluster.nodes",
-                "logging.log_interval_steps"):
+    for key in (
+        "data.batch_size",
+        "data.num_classes",
+        "data.image_size",
+        "data.channels",
+        "deepspeed.grad_accum_steps",
+        "data.eval_batch_size_per_gpu",
+        "cluster.nodes",
+        "logging.log_interval_steps",
+    ):
         section, name = key.split(".")
         _check(getattr(getattr(cfg, section), name) > 0, f"{key}: must be > 0")
-    for key in ("data.labeled_size", "data.unlabeled_size", "data.num_workers", "data.shuffle_buffer",
-                "schedule.max_steps", "checkpoint.interval_steps", "logging.eval_interval_steps"):
+    for key in (
+        "data.labeled_size",
+        "data.unlabeled_size",
+        "data.num_workers",
+        "data.shuffle_buffer",
+        "schedule.max_steps",
+        "checkpoint.interval_steps",
+        "logging.eval_interval_steps",
+    ):
         section, name = key.split(".")
         _check(getattr(getattr(cfg, section), name) >= 0, f"{key}: must be >= 0")
 
@@ -290,36 +307,54 @@ def validate(cfg: Config) -> None:
     _check_choices(cfg)
     _check_positive(cfg)
     d, mt, ds = cfg.data, cfg.mean_teacher, cfg.deepspeed
-    _check(0 < d.labeled_batch_size <= d.batch_size,
-           f"data.labeled_batch_size: {d.labeled_batch_size} must be in 1..data.batch_size ({d.batch_size})")
-    _check(d.labeled_batch_size < d.batch_size or not mt.enabled,
-           "data.labeled_batch_size: equals data.batch_size, leaving no unlabeled images for Mean Teacher; "
-           "lower it or set mean_teacher.enabled=false")
+    _check(
+        0 < d.labeled_batch_size <= d.batch_size,
+        f"data.labeled_batch_size: {d.labeled_batch_size} must be in 1..data.batch_size ({d.batch_size})",
+    )
+    _check(
+        d.labeled_batch_size < d.batch_size or not mt.enabled,
+        "data.labeled_batch_size: equals data.batch_size, leaving no unlabeled images for Mean Teacher; "
+        "lower it or set mean_teacher.enabled=false",
+    )
     _check(0.0 <= mt.ema_decay < 1.0, f"mean_teacher.ema_decay: {mt.ema_decay} must be in [0, 1)")
     _check(mt.consistency_weight >= 0, "mean_teacher.consistency_weight: must be >= 0")
     _check(mt.logit_distance_cost >= 0, "mean_teacher.logit_distance_cost: must be >= 0")
     _check(mt.consistency_rampup_epochs >= 0, "mean_teacher.consistency_rampup_epochs: must be >= 0")
-    _check(ds.zero_stage in (0, 1, 2),
-           f"deepspeed.zero_stage: {ds.zero_stage} not supported; use 0, 1 or 2 (stage 3 partitions the "
-           "student's parameters, which the teacher's EMA reads every step)")
+    _check(
+        ds.zero_stage in (0, 1, 2),
+        f"deepspeed.zero_stage: {ds.zero_stage} not supported; use 0, 1 or 2 (stage 3 partitions the "
+        "student's parameters, which the teacher's EMA reads every step)",
+    )
     _check(not (ds.bf16 and ds.fp16), "deepspeed.fp16: cannot be true together with deepspeed.bf16; pick one")
     _check_schedule(cfg)
     _check(cfg.optim.lr > 0, f"optim.lr: {cfg.optim.lr} must be > 0")
     _check(cfg.optim.weight_decay >= 0, "optim.weight_decay: must be >= 0")
     _check(0 <= cfg.optim.momentum < 1, f"optim.momentum: {cfg.optim.momentum} must be in [0, 1)")
-    _check(not (cfg.optim.nesterov and cfg.optim.momentum == 0 and cfg.optim.name == "sgd"),
-           "optim.nesterov: needs optim.momentum > 0")
-    _check(cfg.model.two_heads or cfg.mean_teacher.logit_distance_cost == 0 or not mt.enabled,
-           "mean_teacher.logit_distance_cost: needs model.two_heads=true (or set the cost to 0)")
+    _check(
+        not (cfg.optim.nesterov and cfg.optim.momentum == 0 and cfg.optim.name == "sgd"),
+        "optim.nesterov: needs optim.momentum > 0",
+    )
+    _check(
+        cfg.model.two_heads or cfg.mean_teacher.logit_distance_cost == 0 or not mt.enabled,
+        "mean_teacher.logit_distance_cost: needs model.two_heads=true (or set the cost to 0)",
+    )
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last: must be >= 1")
+    bad = [name for name in cfg.checkpoint.signals if name not in ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")]
+    _check(not bad, f"checkpoint.signals: {bad} not allowed; use SIGUSR1, SIGUSR2, SIGTERM or SIGINT")
 
 
 def _check_schedule(cfg: Config) -> None:
     s = cfg.schedule
     _check(s.epochs > 0, f"schedule.epochs: {s.epochs} must be > 0")
-    _check(0 <= s.warmup_epochs <= s.epochs, f"schedule.warmup_epochs: {s.warmup_epochs} must be in [0, epochs]")
-    _check(s.rampdown_epochs >= s.epochs,
-           f"schedule.rampdown_epochs: {s.rampdown_epochs} must be >= schedule.epochs ({s.epochs}); the cosine "
-           "would turn back up after it")
-    _check(0 <= s.warmup_start_lr <= cfg.optim.lr,
-           f"schedule.warmup_start_lr: {s.warmup_start_lr} must be in [0, optim.lr]")
+    _check(
+        0 <= s.warmup_epochs <= s.epochs, f"schedule.warmup_epochs: {s.warmup_epochs} must be in [0, epochs]"
+    )
+    _check(
+        s.rampdown_epochs >= s.epochs,
+        f"schedule.rampdown_epochs: {s.rampdown_epochs} must be >= schedule.epochs ({s.epochs}); the cosine "
+        "would turn back up after it",
+    )
+    _check(
+        0 <= s.warmup_start_lr <= cfg.optim.lr,
+        f"schedule.warmup_start_lr: {s.warmup_start_lr} must be in [0, optim.lr]",
+    )

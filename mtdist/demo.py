@@ -54,8 +54,10 @@ def parse_options(args: list[str]) -> DemoOptions:
         elif key in ("seeds", "run_dir", "parallel", "config"):
             setattr(opts, key, [int(s) for s in value] if key == "seeds" else type(getattr(opts, key))(value))
         else:
-            raise ConfigError(f"demo: unknown option '{key}'; use seeds=[0,1,2], run_dir=..., parallel=N, "
-                              "config=FILE or a dotted config override such as schedule.max_steps=2000")
+            raise ConfigError(
+                f"demo: unknown option '{key}'; use seeds=[0,1,2], run_dir=..., parallel=N, "
+                "config=FILE or a dotted config override such as schedule.max_steps=2000"
+            )
     return opts
 
 
@@ -77,9 +79,15 @@ def write_data(out: Path, seeds: list[int]) -> dict[str, str]:
 
 
 def arm_overrides(opts: DemoOptions, specs: dict[str, str], seed: int, arm: str) -> list[str]:
-    base = [f"seed={seed}", f"data.labeled={specs[f'labeled{seed}']}", f"data.unlabeled={specs['unlabeled']}",
-            f"data.test={specs['test']}", f"logging.run_dir={Path(opts.run_dir) / f'seed{seed}' / arm}",
-            "logging.progress_bar=false", *opts.overrides]
+    base = [
+        f"seed={seed}",
+        f"data.labeled={specs[f'labeled{seed}']}",
+        f"data.unlabeled={specs['unlabeled']}",
+        f"data.test={specs['test']}",
+        f"logging.run_dir={Path(opts.run_dir) / f'seed{seed}' / arm}",
+        "logging.progress_bar=false",
+        *opts.overrides,
+    ]
     return base if arm == "mean_teacher" else base + supervised_overrides(opts.config, base)
 
 
@@ -88,15 +96,22 @@ def supervised_overrides(config: str, base: list[str]) -> list[str]:
     cfg = load_config(config, base)
     sizes = (LABELS_PER_CLASS * NUM_CLASSES, TRAIN_SIZE)
     mt = make_plan(cfg, 1, *sizes)
-    sup_cfg = load_config(config, base + ["mean_teacher.enabled=false", "data.batch_size=32",
-                                          "data.labeled_batch_size=32"])
+    sup_cfg = load_config(
+        config, base + ["mean_teacher.enabled=false", "data.batch_size=32", "data.labeled_batch_size=32"]
+    )
     sup = make_plan(sup_cfg, 1, *sizes)
     scale = mt.steps_per_epoch / sup.steps_per_epoch
     s = cfg.schedule
-    return ["mean_teacher.enabled=false", "data.batch_size=32", "data.labeled_batch_size=32",
-            f"schedule.epochs={s.epochs * scale}", f"schedule.warmup_epochs={s.warmup_epochs * scale}",
-            f"schedule.rampdown_epochs={s.rampdown_epochs * scale}", f"schedule.max_steps={mt.total_steps}",
-            *(f"{k}={v}" for k, v in SUPERVISED.items())]
+    return [
+        "mean_teacher.enabled=false",
+        "data.batch_size=32",
+        "data.labeled_batch_size=32",
+        f"schedule.epochs={s.epochs * scale}",
+        f"schedule.warmup_epochs={s.warmup_epochs * scale}",
+        f"schedule.rampdown_epochs={s.rampdown_epochs * scale}",
+        f"schedule.max_steps={mt.total_steps}",
+        *(f"{k}={v}" for k, v in SUPERVISED.items()),
+    ]
 
 
 def train_arm(config: str, overrides: list[str], log_path: Path) -> dict[str, float]:
@@ -115,13 +130,23 @@ def train_arm(config: str, overrides: list[str], log_path: Path) -> dict[str, fl
 def table(results: dict[int, dict[str, dict[str, float]]]) -> str:
     rows = [("seed", "supervised-only", "MT student", "MT teacher", "teacher - supervised")]
     for seed, r in sorted(results.items()):
-        sup, st, te = (r["supervised"]["test/student/top1"], r["mean_teacher"]["test/student/top1"],
-                       r["mean_teacher"]["test/teacher/top1"])
+        sup, st, te = (
+            r["supervised"]["test/student/top1"],
+            r["mean_teacher"]["test/student/top1"],
+            r["mean_teacher"]["test/teacher/top1"],
+        )
         rows.append((str(seed), f"{sup:.1f}", f"{st:.1f}", f"{te:.1f}", f"{te - sup:+.1f}"))
     if len(results) > 1:
         cols = list(zip(*[[float(x) for x in row[1:]] for row in rows[1:]], strict=True))
-        rows.append(("mean", *(f"{sum(c) / len(c):.1f}" if i < 3 else f"{sum(c) / len(c):+.1f}"
-                               for i, c in enumerate(cols))))
+        rows.append(
+            (
+                "mean",
+                *(
+                    f"{sum(c) / len(c):.1f}" if i < 3 else f"{sum(c) / len(c):+.1f}"
+                    for i, c in enumerate(cols)
+                ),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths, strict=True)) for r in rows)
 
@@ -131,21 +156,26 @@ def run_demo(args: list[str]) -> dict[int, dict[str, dict[str, float]]]:
     run_dir = Path(opts.run_dir)
     start = time.perf_counter()
     specs = write_data(run_dir / "data", opts.seeds)
-    print(f"MNIST-5k written to {run_dir / 'data'} as tar shards: 4000 train (400 labeled per seed), 1000 test")
+    print(
+        f"MNIST-5k written to {run_dir / 'data'} as tar shards: 4000 train (400 labeled per seed), 1000 test"
+    )
     jobs = [(seed, arm) for seed in opts.seeds for arm in ("supervised", "mean_teacher")]
     results: dict[int, dict[str, dict[str, float]]] = {seed: {} for seed in opts.seeds}
 
     def one(job: tuple[int, str]) -> None:
         seed, arm = job
         t0 = time.perf_counter()
-        out = train_arm(opts.config, arm_overrides(opts, specs, seed, arm), run_dir / f"seed{seed}" / f"{arm}.log")
+        out = train_arm(
+            opts.config, arm_overrides(opts, specs, seed, arm), run_dir / f"seed{seed}" / f"{arm}.log"
+        )
         results[seed][arm] = out
         print(f"  seed {seed} {arm:<12} done in {time.perf_counter() - t0:5.0f} s", flush=True)
 
     with ThreadPoolExecutor(max_workers=opts.parallel) as pool:
         list(pool.map(one, jobs))
     text = table(results)
-    print(f"\nTest top-1 (%) on 1000 held-out MNIST images, 10% labels, {time.perf_counter() - start:.0f} s:\n{text}")
+    elapsed = time.perf_counter() - start
+    print(f"\nTest top-1 (%) on 1000 held-out MNIST images, 10% labels, {elapsed:.0f} s:\n{text}")
     (run_dir / "results.md").write_text(text + "\n")
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     (run_dir / "demo.yaml").write_text(yaml.safe_dump(vars(opts)))

@@ -84,8 +84,11 @@ def export_env(env: DistEnv) -> DistEnv:
     """Write the contract back to os.environ (DeepSpeed reads it); a single process gets a free port."""
     port = env.master_port or free_port()
     os.environ.update(
-        RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
-        MASTER_ADDR=env.master_addr, MASTER_PORT=str(port),
+        RANK=str(env.rank),
+        WORLD_SIZE=str(env.world_size),
+        LOCAL_RANK=str(env.local_rank),
+        MASTER_ADDR=env.master_addr,
+        MASTER_PORT=str(port),
     )
     return DistEnv(env.rank, env.world_size, env.local_rank, env.master_addr, port)
 
@@ -100,7 +103,10 @@ def init_process_group(env: DistEnv, backend: str = "auto", timeout_s: int = 180
     if not torch_dist.is_initialized():
         env = export_env(env)
         torch_dist.init_process_group(
-            backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+            backend,
+            init_method="env://",
+            rank=env.rank,
+            world_size=env.world_size,
             timeout=timedelta(seconds=timeout_s),
         )
     return device

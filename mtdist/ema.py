@@ -25,8 +25,9 @@ from mtdist.schedules import ema_decay
 
 
 class Teacher:
-    def __init__(self, module: nn.Module, *, decay: float, autocast_dtype: torch.dtype | None,
-                 bn_policy: str = "own") -> None:
+    def __init__(
+        self, module: nn.Module, *, decay: float, autocast_dtype: torch.dtype | None, bn_policy: str = "own"
+    ) -> None:
         self.module = module.float()
         for p in self.module.parameters():
             p.requires_grad_(False)

@@ -27,11 +27,19 @@ def build_optimizer(cfg: Config, student: nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
     if o.name == "sgd":
         return torch.optim.SGD(
-            student.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-            weight_decay=o.weight_decay, foreach=True,
+            student.parameters(),
+            lr=o.lr,
+            momentum=o.momentum,
+            nesterov=o.nesterov,
+            weight_decay=o.weight_decay,
+            foreach=True,
         )
     return torch.optim.AdamW(
-        student.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, foreach=True,
+        student.parameters(),
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        weight_decay=o.weight_decay,
+        foreach=True,
     )
 
 
@@ -40,8 +48,11 @@ def lr_factor(cfg: Config, plan: Plan, step: int) -> float:
     s = cfg.schedule
     epoch = plan.epoch(step)
     lr = learning_rate(
-        epoch, lr=cfg.optim.lr, warmup_start_lr=s.warmup_start_lr,
-        warmup_epochs=s.warmup_epochs, rampdown_epochs=s.rampdown_epochs,
+        epoch,
+        lr=cfg.optim.lr,
+        warmup_start_lr=s.warmup_start_lr,
+        warmup_epochs=s.warmup_epochs,
+        rampdown_epochs=s.rampdown_epochs,
     )
     return lr / cfg.optim.lr
 
@@ -55,7 +66,10 @@ def build_engine(cfg: Config, student: nn.Module, plan: Plan) -> Any:
     optimizer = build_optimizer(cfg, student)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, plan, step))
     engine, _, _, _ = deepspeed.initialize(
-        model=student, optimizer=optimizer, lr_scheduler=scheduler, config=plan.deepspeed_config,
+        model=student,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=plan.deepspeed_config,
         dist_init_required=False,
     )
     return engine

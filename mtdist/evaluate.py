@@ -39,7 +39,11 @@ def evaluate(
     model.train(was_training)
     counts = _all_reduce_sum(counts, device)
     n = max(counts[2].item(), 1.0)
-    return {"top1": 100.0 * counts[0].item() / n, "top5": 100.0 * counts[1].item() / n, "count": int(counts[2])}
+    return {
+        "top1": 100.0 * counts[0].item() / n,
+        "top5": 100.0 * counts[1].item() / n,
+        "count": int(counts[2]),
+    }
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

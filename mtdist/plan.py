@@ -60,8 +60,10 @@ def dataset_size(spec: str, declared: int, key: str) -> int:
         from mtdist.data import read_index
 
         return int(read_index(spec)["num_samples"])
-    raise ConfigError(f"{key}: 0 (count from the index) but its shards '{spec}' are not an *.index.json; "
-                      "set the size or point to the index file written with the shards")
+    raise ConfigError(
+        f"{key}: 0 (count from the index) but its shards '{spec}' are not an *.index.json; "
+        "set the size or point to the index file written with the shards"
+    )
 
 
 def dataset_sizes(cfg: Config) -> tuple[int, int]:
@@ -82,9 +84,15 @@ def make_plan(cfg: Config, world_size: int, labeled_size: int, unlabeled_size: i
     if cfg.schedule.max_steps:
         total = min(total, cfg.schedule.max_steps)
     return Plan(
-        world_size=world_size, micro_batch_per_gpu=micro, labeled_per_gpu=labeled,
-        unlabeled_per_gpu=micro - labeled, labeled_size=labeled_size, unlabeled_size=unlabeled_size,
-        steps_per_epoch=spe, total_steps=total, deepspeed_config=deepspeed_config(cfg, micro),
+        world_size=world_size,
+        micro_batch_per_gpu=micro,
+        labeled_per_gpu=labeled,
+        unlabeled_per_gpu=micro - labeled,
+        labeled_size=labeled_size,
+        unlabeled_size=unlabeled_size,
+        steps_per_epoch=spe,
+        total_steps=total,
+        deepspeed_config=deepspeed_config(cfg, micro),
     )
 
 

@@ -20,15 +20,18 @@ import torch.distributed as torch_dist
 from torch import nn
 from tqdm import tqdm
 
+from mtdist import checkpoint
 from mtdist import data as mtdata
-from mtdist.config import Config, save_config
+from mtdist.checkpoint import TrainState
+from mtdist.config import Config, save_config, to_dict
 from mtdist.dist import DistEnv, dist_env_from_environ, init_process_group
 from mtdist.ema import Teacher, check_synchronized, flatten_parameters_
 from mtdist.engine import build_engine, init_distributed
 from mtdist.evaluate import evaluate
-from mtdist.logger import MetricsLogger
+from mtdist.logger import MetricsLogger, new_run_id
 from mtdist.models import build_model
 from mtdist.plan import Plan, dataset_sizes, make_plan
+from mtdist.preempt import StopSignal
 from mtdist.schedules import consistency_weight, ema_decay
 from mtdist.step import LossWeights, train_step
 
@@ -48,6 +51,11 @@ class Run:
     train_batches: Iterator
     run_dir: Path
     metrics: MetricsLogger
+    state: TrainState
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.run_dir / "checkpoints"
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -63,8 +71,14 @@ def autocast_dtype(cfg: Config) -> torch.dtype | None:
 def build_student(cfg: Config) -> nn.Module:
     m, d = cfg.model, cfg.data
     return build_model(
-        m.arch, d.num_classes, two_heads=m.two_heads, small_input=m.small_input, in_channels=d.channels,
-        dropout=m.dropout, input_size=d.image_size, width=m.width,
+        m.arch,
+        d.num_classes,
+        two_heads=m.two_heads,
+        small_input=m.small_input,
+        in_channels=d.channels,
+        dropout=m.dropout,
+        input_size=d.image_size,
+        width=m.width,
     )
 
 
@@ -75,23 +89,39 @@ def build_teacher(cfg: Config, student: nn.Module, device: torch.device) -> Teac
         torch.manual_seed(cfg.seed + 1)  # the same independent init on every rank
         return build_student(cfg)
 
-    teacher = Teacher.from_student(student, mt.teacher_init, fresh, decay=mt.ema_decay,
-                                   autocast_dtype=autocast_dtype(cfg), bn_policy=mt.teacher_bn)
+    teacher = Teacher.from_student(
+        student,
+        mt.teacher_init,
+        fresh,
+        decay=mt.ema_decay,
+        autocast_dtype=autocast_dtype(cfg),
+        bn_policy=mt.teacher_bn,
+    )
     teacher.module.to(device)
     if cfg.model.channels_last and device.type == "cuda":
         teacher.module.to(memory_format=torch.channels_last)
     return teacher
 
 
-def build_train_batches(cfg: Config, env: DistEnv, plan: Plan) -> Iterator:
+def build_train_batches(cfg: Config, env: DistEnv, plan: Plan, start_batch: int = 0) -> Iterator:
     d = cfg.data
     train_tf, _ = mtdata.make_transforms(d.augment, d.image_size, d.channels, **_augment_kwargs(cfg))
     unlabeled = mtdata.resolve_shards(d.unlabeled) if plan.unlabeled_per_gpu else []
     return mtdata.build_train_loader(
-        mtdata.resolve_shards(d.labeled), unlabeled, labeled_per_gpu=plan.labeled_per_gpu,
-        unlabeled_per_gpu=plan.unlabeled_per_gpu, rank=env.rank, world_size=env.world_size, seed=cfg.seed,
-        transform=train_tf, channels=d.channels, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
-        cache_decoded=d.cache_decoded, pin_memory=torch.cuda.is_available(),
+        mtdata.resolve_shards(d.labeled),
+        unlabeled,
+        labeled_per_gpu=plan.labeled_per_gpu,
+        unlabeled_per_gpu=plan.unlabeled_per_gpu,
+        rank=env.rank,
+        world_size=env.world_size,
+        seed=cfg.seed,
+        transform=train_tf,
+        channels=d.channels,
+        num_workers=d.num_workers,
+        shuffle_buffer=d.shuffle_buffer,
+        cache_decoded=d.cache_decoded,
+        pin_memory=torch.cuda.is_available(),
+        start_batch=start_batch,
     )
 
 
@@ -105,8 +135,13 @@ def eval_batches(cfg: Config, env: DistEnv, spec: str) -> Any:
     d = cfg.data
     _, eval_tf = mtdata.make_transforms(d.augment, d.image_size, d.channels, **_augment_kwargs(cfg))
     return mtdata.build_eval_loader(
-        mtdata.resolve_shards(spec), batch_size=d.eval_batch_size_per_gpu, rank=env.rank,
-        world_size=env.world_size, transform=eval_tf, channels=d.channels, num_workers=min(d.num_workers, 2),
+        mtdata.resolve_shards(spec),
+        batch_size=d.eval_batch_size_per_gpu,
+        rank=env.rank,
+        world_size=env.world_size,
+        transform=eval_tf,
+        channels=d.channels,
+        num_workers=min(d.num_workers, 2),
     )
 
 
@@ -135,9 +170,49 @@ def build_run(cfg: Config) -> Run:
     teacher = build_teacher(cfg, student, device) if cfg.mean_teacher.enabled else None
     engine = build_engine(cfg, student, plan)
     torch.manual_seed(cfg.seed * 1_000_003 + env.rank)  # dropout differs per rank, as its data does
+    state = resume(cfg, env, engine, teacher, run_dir / "checkpoints")
+    metrics = MetricsLogger(run_dir, env.is_main)
+    metrics.start_wandb(
+        cfg.logging.wandb, cfg.logging.wandb_project, state.wandb_run_id, to_dict(cfg), run_dir
+    )
     torch_dist.barrier()
-    return Run(cfg, env, device, plan, engine, teacher, build_train_batches(cfg, env, plan), run_dir,
-               MetricsLogger(run_dir, env.is_main))
+    batches = build_train_batches(cfg, env, plan, start_batch=state.step * cfg.deepspeed.grad_accum_steps)
+    return Run(cfg, env, device, plan, engine, teacher, batches, run_dir, metrics, state)
+
+
+def resume(cfg: Config, env: DistEnv, engine: Any, teacher: Teacher | None, root: Path) -> TrainState:
+    """Load the checkpoint that checkpoint.resume selects, or start fresh with a new W&B run id."""
+    folder = checkpoint.find_resume(cfg, root)
+    if folder is None:
+        return TrainState(step=0, wandb_run_id=new_run_id())
+    meta = checkpoint.read_meta(folder)
+    checkpoint.check_compatible(meta["signature"], checkpoint.signature(cfg, env.world_size), folder)
+    engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    rank_state = checkpoint.load_rank_state(folder, env.rank)
+    if teacher is not None:
+        teacher.load_state_dict(rank_state["teacher"])
+    # DeepSpeed restored rank 0's module on every rank; BN statistics are per rank
+    engine.module.load_state_dict(rank_state["student_buffers"], strict=False)
+    checkpoint.set_rng_state(rank_state["rng"])
+    state = TrainState()
+    state.load_state_dict(meta["train_state"])
+    log.info("resumed from %s at step %d", folder, state.step)
+    return state
+
+
+def save_checkpoint(run: Run) -> Path:
+    """All ranks: DeepSpeed state + per-rank teacher, BN buffers and RNG; atomic (see checkpoint.py)."""
+    if run.teacher is not None:
+        run.teacher.sync_buffers()
+    rank_state = {
+        "teacher": run.teacher.state_dict() if run.teacher is not None else {},
+        "student_buffers": dict(run.engine.module.named_buffers()),
+        "rng": checkpoint.rng_state(),
+    }
+    meta = checkpoint.make_meta(run.cfg, run.state, run.env.world_size)
+    return checkpoint.save(
+        run.checkpoint_root, run.engine, rank_state, meta, run.state.step, run.cfg.checkpoint.keep_last
+    )
 
 
 def to_device(batch: tuple[torch.Tensor, ...], run: Run) -> tuple[torch.Tensor, ...]:
@@ -151,8 +226,9 @@ def loss_weights(cfg: Config, epoch: float) -> LossWeights:
     mt = cfg.mean_teacher
     return LossWeights(
         consistency_kind=mt.consistency,
-        consistency_weight=consistency_weight(epoch, weight=mt.consistency_weight,
-                                              rampup_epochs=mt.consistency_rampup_epochs),
+        consistency_weight=consistency_weight(
+            epoch, weight=mt.consistency_weight, rampup_epochs=mt.consistency_rampup_epochs
+        ),
         logit_distance_cost=mt.logit_distance_cost,
     )
 
@@ -200,11 +276,15 @@ def log_step(run: Run, step: int, window: Window, bar: tqdm) -> None:
     elapsed = time.perf_counter() - window.start
     images_per_s = cfg.data.batch_size * window.count / cfg.deepspeed.grad_accum_steps / elapsed
     row = window.reduce(run.device) | {
-        "train/lr": run.engine.get_lr()[0], "train/epoch": plan.epoch(step),
+        "train/lr": run.engine.get_lr()[0],
+        "train/epoch": plan.epoch(step),
         "train/consistency_weight": loss_weights(cfg, plan.epoch(step - 1)).consistency_weight,
-        "data/images_per_s": images_per_s, "system/world_size": run.env.world_size,
+        "data/images_per_s": images_per_s,
+        "system/world_size": run.env.world_size,
     }
-    if run.teacher is not None:
+    if run.teacher is None:
+        del row["train/consistency_weight"]
+    else:
         row["train/ema_decay"] = ema_decay(max(run.teacher.updates, 1), cfg.mean_teacher.ema_decay)
         row["train/teacher_updates"] = run.teacher.updates
     run.metrics.log(step, row)
@@ -216,25 +296,39 @@ def eval_due(cfg: Config, plan: Plan, step: int) -> bool:
     return bool(cfg.data.val) and (step % interval == 0 or step == plan.total_steps)
 
 
-def train_loop(run: Run, start_step: int = 0) -> None:
+def train_loop(run: Run, stop: StopSignal | None = None) -> None:
+    """Steps from run.state.step to plan.total_steps; checkpoints at intervals and on a stop signal."""
     cfg, plan = run.cfg, run.plan
     if run.teacher is not None:
         run.teacher.train()  # the paper runs the teacher in train mode: its own BN batch statistics
-    bar = tqdm(total=plan.total_steps, initial=start_step, disable=not (run.env.is_main and cfg.logging.progress_bar),
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=plan.total_steps,
+        initial=run.state.step,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not (run.env.is_main and cfg.logging.progress_bar),
+    )
     window = Window()
-    for step in range(start_step, plan.total_steps):
+    for step in range(run.state.step, plan.total_steps):
         weights = loss_weights(cfg, plan.epoch(step))
         for _ in range(cfg.deepspeed.grad_accum_steps):
-            terms, _ = train_step(run.engine, run.teacher, to_device(next(run.train_batches), run), weights, step)
+            terms, _ = train_step(
+                run.engine, run.teacher, to_device(next(run.train_batches), run), weights, step
+            )
             window.add(terms)
-        done = step + 1
+        run.state.step = done = step + 1
         bar.update(1)
         if done % cfg.logging.log_interval_steps == 0 or done == plan.total_steps:
             log_step(run, done, window, bar)
             window = Window()
         if eval_due(cfg, plan, done):
             run.metrics.log(done, evaluate_both(run, cfg.data.val, done, "eval"))
+        if stop is not None and stop.requested(run.device):
+            save_checkpoint(run)
+            bar.close()
+            stop.hand_over()  # raises Preempted (or submitit requeues and exits)
+        if cfg.checkpoint.interval_steps and done % cfg.checkpoint.interval_steps == 0:
+            save_checkpoint(run)
     bar.close()
 
 
@@ -252,12 +346,31 @@ def final_results(run: Run) -> dict[str, float]:
 
 
 def main(cfg: Config) -> dict[str, float]:
-    """Train as configured and return the final metrics (the same on every rank)."""
-    run = build_run(cfg)
-    log.info("training %d steps (%d per epoch) on %d rank(s), %d images per step",
-             run.plan.total_steps, run.plan.steps_per_epoch, run.env.world_size, cfg.data.batch_size)
-    train_loop(run)
-    results = final_results(run)
-    run.metrics.close()
+    """Train as configured (resuming when checkpoint.resume finds a checkpoint); the final metrics.
+
+    A stop signal (checkpoint.signals) ends it early with a checkpoint and raises Preempted.
+    """
+    stop = StopSignal(cfg.checkpoint.signals)
+    try:
+        run = build_run(cfg)
+        log.info(
+            "training steps %d..%d (%d per epoch) on %d rank(s), %d images per step",
+            run.state.step,
+            run.plan.total_steps,
+            run.plan.steps_per_epoch,
+            run.env.world_size,
+            cfg.data.batch_size,
+        )
+        train_loop(run, stop)
+        if run.state.step not in _saved_steps(run):
+            save_checkpoint(run)
+        results = final_results(run)
+        run.metrics.close()
+    finally:
+        stop.restore()
     return results
 
+
+def _saved_steps(run: Run) -> set[int]:
+    last = checkpoint.latest(run.checkpoint_root)
+    return {checkpoint.read_meta(last)["train_state"]["step"]} if last else set()

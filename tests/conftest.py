@@ -29,8 +29,11 @@ def mnist_shards(tmp_path_factory) -> dict[str, str]:
         mtdata.write_array_dataset(images[sel], labels[sel], [keys[i] for i in sel], out, prefix, per_shard)
         return str(out / f"{prefix}.index.json")
 
-    return {"labeled": write(labeled, "labeled", 16), "unlabeled": write(unlabeled, "unlabeled", 35),
-            "val": write(val, "val", 30)}
+    return {
+        "labeled": write(labeled, "labeled", 16),
+        "unlabeled": write(unlabeled, "unlabeled", 35),
+        "val": write(val, "val", 30),
+    }
 
 
 def shard_overrides(shards: dict[str, str]) -> list[str]:

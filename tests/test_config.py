@@ -23,8 +23,16 @@ def test_every_shipped_config_loads():
 
 
 def test_overrides_are_typed_and_dotted():
-    cfg = load_config(FLAGSHIP, ["optim.lr=0.1", "schedule.epochs=3", "optim.weight_decay=1e-4",
-                                 "model.two_heads=false", "mean_teacher.logit_distance_cost=0"])
+    cfg = load_config(
+        FLAGSHIP,
+        [
+            "optim.lr=0.1",
+            "schedule.epochs=3",
+            "optim.weight_decay=1e-4",
+            "model.two_heads=false",
+            "mean_teacher.logit_distance_cost=0",
+        ],
+    )
     assert cfg.optim.lr == 0.1 and cfg.schedule.epochs == 3.0 and cfg.optim.weight_decay == 1e-4
     assert cfg.model.two_heads is False
 
@@ -78,16 +86,32 @@ def test_flagship_dry_run_prints_the_recipe():
     """`mtdist train --config <flagship> --dry-run` as a user runs it: every row of the paper's table."""
     out = subprocess.run(
         [sys.executable, "-m", "mtdist", "train", "--config", str(FLAGSHIP), "--dry-run"],
-        capture_output=True, text=True, check=True, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
     ).stdout
     doc = yaml.safe_load(out)
     c, d, ds = doc["config"], doc["derived"], doc["deepspeed_config"]
-    assert (c["data"]["batch_size"], c["data"]["labeled_batch_size"], d["unlabeled_batch_size"]) == (400, 200, 200)
+    assert (c["data"]["batch_size"], c["data"]["labeled_batch_size"], d["unlabeled_batch_size"]) == (
+        400,
+        200,
+        200,
+    )
     assert c["model"]["arch"] == "resnet152" and c["model"]["two_heads"] is True
-    assert c["optim"] == c["optim"] | {"name": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 5e-5,
-                                       "lr": 0.25}
-    assert c["schedule"] == c["schedule"] | {"warmup_epochs": 2.0, "warmup_start_lr": 0.1,
-                                             "rampdown_epochs": 75.0, "epochs": 60.0}
+    assert c["optim"] == c["optim"] | {
+        "name": "sgd",
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 5e-5,
+        "lr": 0.25,
+    }
+    assert c["schedule"] == c["schedule"] | {
+        "warmup_epochs": 2.0,
+        "warmup_start_lr": 0.1,
+        "rampdown_epochs": 75.0,
+        "epochs": 60.0,
+    }
     mt = c["mean_teacher"]
     assert (mt["consistency"], mt["consistency_weight"], mt["consistency_rampup_epochs"]) == ("kl", 10.0, 5.0)
     assert (mt["logit_distance_cost"], mt["ema_decay"]) == (0.01, 0.9997)
@@ -107,8 +131,19 @@ def test_dry_run_for_other_world_sizes():
 
 def test_cli_config_error_exit_code_and_single_line():
     proc = subprocess.run(
-        [sys.executable, "-m", "mtdist", "train", "--config", str(FLAGSHIP), "deepspeed.zero_stage=3", "--dry-run"],
-        capture_output=True, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "mtdist",
+            "train",
+            "--config",
+            str(FLAGSHIP),
+            "deepspeed.zero_stage=3",
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "deepspeed.zero_stage" in proc.stderr

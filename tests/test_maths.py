@@ -100,8 +100,9 @@ def test_consistency_gradient_reaches_student_consistency_head_and_never_the_tea
     """The pitfall of a popular reimplementation: comparing the teacher with itself (no gradient)."""
     torch.manual_seed(0)
     student = build_model("mlp", 4, input_size=6, in_channels=1, two_heads=True)
-    teacher = Teacher(build_model("mlp", 4, input_size=6, in_channels=1, two_heads=True), decay=0.99,
-                      autocast_dtype=None)
+    teacher = Teacher(
+        build_model("mlp", 4, input_size=6, in_channels=1, two_heads=True), decay=0.99, autocast_dtype=None
+    )
     x = torch.randn(8, 1, 6, 6)
     labels = torch.full((8,), -1)  # unlabeled: only the consistency term acts
     terms = compute_losses(student(x), teacher(x)[0], labels, LossWeights("mse", 1.0, 0.0))
@@ -134,7 +135,9 @@ def test_flat_update_equals_foreach_update():
     t_each.update(student)  # student parameters are separate tensors: the foreach path
     before = [p.clone() for p in student.parameters()]
     flat = flatten_parameters_(student)
-    assert flat_view(list(student.parameters())) is not None and flat.numel() == sum(p.numel() for p in before)
+    assert flat_view(list(student.parameters())) is not None and flat.numel() == sum(
+        p.numel() for p in before
+    )
     assert all(torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
     t_flat.update(student)
     for a, b in zip(t_flat.module.parameters(), t_each.module.parameters(), strict=True):
@@ -142,8 +145,9 @@ def test_flat_update_equals_foreach_update():
 
 
 def test_teacher_forward_runs_in_autocast_with_fp32_weights():
-    teacher = Teacher(build_model("resnet18", 10, width=8, small_input=True), decay=0.99,
-                      autocast_dtype=torch.bfloat16)
+    teacher = Teacher(
+        build_model("resnet18", 10, width=8, small_input=True), decay=0.99, autocast_dtype=torch.bfloat16
+    )
     out = teacher(torch.randn(2, 3, 16, 16))[0]
     assert out.dtype == torch.bfloat16 and not out.requires_grad
     assert next(teacher.module.parameters()).dtype == torch.float32

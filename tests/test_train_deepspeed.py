@@ -14,8 +14,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, TINY, shard_overrides
+
 from mtdist.dist import free_port
 from mtdist.logger import read_metrics
 
@@ -27,8 +27,14 @@ def _env() -> dict[str, str]:
 
 
 def torchrun(args: list[str], nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
@@ -37,8 +43,14 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 600) -> subprocess.
 @pytest.fixture(scope="module")
 def two_rank_run(mnist_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("ds_run")
-    overrides = [*shard_overrides(mnist_shards), f"logging.run_dir={out}", "schedule.max_steps=6",
-                 "deepspeed.grad_accum_steps=2", "logging.eval_interval_steps=3", "data.num_workers=1"]
+    overrides = [
+        *shard_overrides(mnist_shards),
+        f"logging.run_dir={out}",
+        "schedule.max_steps=6",
+        "deepspeed.grad_accum_steps=2",
+        "logging.eval_interval_steps=3",
+        "data.num_workers=1",
+    ]
     torchrun([str(ROOT / "tests" / "dist_worker.py"), str(TINY), str(out), *overrides])
     return out, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
@@ -86,10 +98,30 @@ def test_loss_terms_finite_and_metrics_logged(two_rank_run):
 @pytest.mark.parametrize("zero_stage", [2])
 def test_mtdist_train_under_the_deepspeed_launcher(mnist_shards, tmp_path, zero_stage):
     """The user's command line, unchanged, under `deepspeed --num_gpus 2` (it selects the CPU accelerator)."""
-    overrides = [*shard_overrides(mnist_shards), f"logging.run_dir={tmp_path}", "schedule.max_steps=4",
-                 f"deepspeed.zero_stage={zero_stage}", "deepspeed.bf16=false", "optim.name=adamw", "optim.lr=0.01"]
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           "--module", "mtdist", "train", "--config", str(TINY), *overrides]
+    overrides = [
+        *shard_overrides(mnist_shards),
+        f"logging.run_dir={tmp_path}",
+        "schedule.max_steps=4",
+        f"deepspeed.zero_stage={zero_stage}",
+        "deepspeed.bf16=false",
+        "optim.name=adamw",
+        "optim.lr=0.01",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "mtdist",
+        "train",
+        "--config",
+        str(TINY),
+        *overrides,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     final = json.loads((tmp_path / "final.json").read_text())

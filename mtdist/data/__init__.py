@@ -5,7 +5,7 @@ webdataset is imported only inside this package.
 
 from .loader import build_eval_loader, build_train_loader
 from .packaged import load_digits, load_mnist5k
-from .shards import read_index, resolve_shards, write_array_dataset, write_shards
+from .shards import read_index, resolve_shards, shard_sample_counts, write_array_dataset, write_shards
 from .split import fraction_per_class, split_per_class
 from .stream import ShardStream, check_readers, shard_order
 from .transforms import (
@@ -34,6 +34,7 @@ __all__ = [
     "read_index",
     "resolve_shards",
     "shard_order",
+    "shard_sample_counts",
     "split_per_class",
     "write_array_dataset",
     "write_shards",

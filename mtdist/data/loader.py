@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .seeds import counter_seeds, seed_key
 from .stream import ShardStream, check_readers
 from .transforms import Transform
 
@@ -36,35 +37,48 @@ def build_train_loader(
     pin_memory: bool = False,
     shuffle_buffer: int = 1000,
     cache_decoded: bool = False,
+    sample_counts: Mapping[str, int] | None = None,
+    start_batch: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Endless `(view1 [B, C, H, W], view2, labels [B])` with B = labeled_per_gpu + unlabeled_per_gpu.
 
     The labeled samples come first; unlabeled ones have label -1. `unlabeled_per_gpu == 0` gives
-    labeled batches only (the supervised baseline). `cache_decoded` keeps decoded images in memory
-    after their first read (small datasets: later epochs skip tar reading and decoding). Errors in the shard split surface here, at
-    build time, not inside a worker process.
+    labeled batches only (the supervised baseline). `shuffle_buffer`: samples shuffled together, held
+    in memory per reader (see ShardStream). `cache_decoded` keeps decoded images in memory after their
+    first read (small datasets: later epochs skip tar reading and decoding). Errors in the shard
+    split surface here, at build time, not inside a worker process.
+
+    Resume: the iterator built with `start_batch=k` yields exactly the batches k, k+1, ... of the one
+    built with `start_batch=0` (any num_workers; a checkpoint stores only how many batches were
+    consumed). Skipped samples are never decoded; with `sample_counts` (url -> samples, from
+    `shard_sample_counts(spec)`) the shards wholly before the start are not even read.
     """
-    if labeled_per_gpu < 1 or unlabeled_per_gpu < 0:
+    if labeled_per_gpu < 1 or unlabeled_per_gpu < 0 or start_batch < 0:
         raise ValueError(
-            f"need labeled_per_gpu >= 1, unlabeled_per_gpu >= 0: {labeled_per_gpu}, {unlabeled_per_gpu}"
+            f"need labeled_per_gpu >= 1, unlabeled_per_gpu >= 0, start_batch >= 0: {labeled_per_gpu}, "
+            f"{unlabeled_per_gpu}, {start_batch}"
         )
     batch_transform = transform if getattr(transform, "batched", False) else None
     per_sample = transform.prepare if batch_transform is not None else transform
     common = {"rank": rank, "world_size": world_size, "transform": per_sample, "channels": channels}
     common |= {"views": 2, "infinite": True, "shuffle_buffer": shuffle_buffer, "cache_decoded": cache_decoded}
+    common |= {"sample_counts": sample_counts, "start_batch": start_batch}
     parts = [(labeled_urls, labeled_per_gpu, True, LABELED_STREAM)]
     if unlabeled_per_gpu > 0:
         parts.append((unlabeled_urls, unlabeled_per_gpu, False, UNLABELED_STREAM))
     loaders = []
     for urls, batch_size, labeled, stream in parts:
         check_readers(len(urls), world_size, num_workers)
-        dataset = ShardStream(urls, seed=stream_seed(seed, stream), labeled=labeled, **common)
+        dataset = ShardStream(
+            urls, seed=stream_seed(seed, stream), labeled=labeled, batch_size=batch_size, **common
+        )
         # Not pinned here: the cat of the two parts would drop the pinning; the final batch is pinned.
         loaders.append(_loader(dataset, batch_size, num_workers, pin_memory=False, seed=dataset.seed + rank))
     batches = _zip_batches(loaders, pin=pin_memory and torch.cuda.is_available())
     if batch_transform is None:
         return batches
-    return _augment_batches(batches, batch_transform, stream_seed(seed, BATCH_AUGMENT_STREAM) + rank)
+    key = seed_key(stream_seed(seed, BATCH_AUGMENT_STREAM), rank)
+    return _augment_batches(batches, batch_transform, key, start_batch)
 
 
 def build_eval_loader(
@@ -123,10 +137,17 @@ def _zip_batches(
         yield tuple(_cat([batch[i] for batch in batches], pin) for i in range(3))
 
 
-def _augment_batches(batches: Iterator[tuple], transform: Transform, seed: int) -> Iterator[tuple]:
-    """A batched transform applied to each view in the main process, from its own seeded generator."""
-    gen = torch.Generator().manual_seed(seed)
-    for view1, view2, labels in batches:
+def _augment_batches(
+    batches: Iterator[tuple], transform: Transform, key: int, start_batch: int
+) -> Iterator[tuple]:
+    """A batched transform applied to each view in the main process.
+
+    Batch i's generator is seeded from (key, i) alone, so a resumed iterator augments as the
+    uninterrupted one did without replaying the batches before it.
+    """
+    gen = torch.Generator()
+    for i, (view1, view2, labels) in enumerate(batches, start_batch):
+        gen.manual_seed(int(counter_seeds(key, i, 1)[0]))
         yield transform(view1, gen), transform(view2, gen), labels
 
 

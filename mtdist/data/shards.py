@@ -114,6 +114,21 @@ def resolve_shards(spec: str) -> list[str]:
     return urls
 
 
+def shard_sample_counts(spec: str) -> dict[str, int]:
+    """Samples per shard (keyed as resolve_shards names them) for the spec's `*.index.json` parts.
+
+    Shards named otherwise (brace patterns, globs, urls) have no entry: a stream counts them by
+    reading when it needs to (a resume), so give an index to make resuming cheap.
+    """
+    counts: dict[str, int] = {}
+    for part in (p.strip() for p in _split_top_level(spec, ",")):
+        if part.endswith(INDEX_SUFFIX) and not _is_remote(part):
+            base = Path(part).parent
+            entries = read_index(part)["shards"]
+            counts |= {str(base / e["name"]): int(e["num_samples"]) for e in entries if "num_samples" in e}
+    return counts
+
+
 def _resolve_part(part: str, spec: str) -> list[str]:
     if _is_remote(part):
         return [part]

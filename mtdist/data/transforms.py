@@ -153,8 +153,12 @@ def translate_batch(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     padded = F.pad(x, (pad, pad, pad, pad))
     rows = (pad - shifts[:, 0, None]) + torch.arange(h)  # output row y reads padded row y - dy + pad
     cols = (pad - shifts[:, 1, None]) + torch.arange(w)
-    return padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None],
-                  rows[:, None, :, None], cols[:, None, None, :]]
+    return padded[
+        torch.arange(b)[:, None, None, None],
+        torch.arange(c)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- imagenet

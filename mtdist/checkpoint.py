@@ -1,0 +1,188 @@
+"""Atomic checkpoints on all ranks, keep-last-k, and auto-resume from the latest complete one.
+
+Layout of `<run_dir>/checkpoints/`:
+    step-00000100/            a complete checkpoint (renamed into place only once complete)
+        <DeepSpeed files>     student, optimizer, lr schedule, loss scaler (engine.save_checkpoint)
+        rank00000.pt ...      per rank: teacher (fp32 weights and its own BN buffers), the student's
+                              BN buffers (DeepSpeed keeps rank 0's only), RNG states
+        meta.json             step, world size, resolved config, W&B run id, model signature
+    .tmp-step-00000200/       being written; never read, removed on the next save
+    latest                    the name of the newest complete checkpoint (replaced atomically)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+
+from mtdist.config import Config, to_dict
+from mtdist.dist import barrier
+
+LATEST = "latest"
+
+
+@dataclass
+class TrainState:
+    """What the loop needs to continue: the optimizer step and the W&B run id."""
+
+    step: int = 0
+    wandb_run_id: str = ""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "wandb_run_id": self.wandb_run_id}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.wandb_run_id = int(state["step"]), str(state["wandb_run_id"])
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) generator states, as tensors and plain values (weights_only-safe)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def signature(cfg: Config, world_size: int) -> dict[str, Any]:
+    """What must match for a checkpoint to be loadable into this run exactly."""
+    m, d = cfg.model, cfg.data
+    return {
+        "model.arch": m.arch,
+        "model.two_heads": m.two_heads,
+        "model.width": m.width,
+        "model.small_input": m.small_input,
+        "data.num_classes": d.num_classes,
+        "data.channels": d.channels,
+        "data.batch_size": d.batch_size,
+        "data.labeled_batch_size": d.labeled_batch_size,
+        "data.num_workers": d.num_workers,
+        "seed": cfg.seed,
+        "world_size": world_size,
+        "deepspeed.grad_accum_steps": cfg.deepspeed.grad_accum_steps,
+        "mean_teacher.enabled": cfg.mean_teacher.enabled,
+    }
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Refuse a checkpoint made for another model or run shape, listing every difference."""
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in current.items() if saved.get(k) != v
+    ]
+    if diffs:
+        raise ValueError(
+            f"checkpoint {path} was made for a different run ({'; '.join(diffs)}); resume with the same "
+            "settings, or start a new run_dir (checkpoint.resume=never)"
+        )
+
+
+def _rank_file(folder: Path, rank: int) -> Path:
+    return folder / f"rank{rank:05d}.pt"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(
+    root: Path, engine: Any, rank_state: dict[str, Any], meta: dict[str, Any], step: int, keep_last: int
+) -> Path:
+    """Every rank calls this. Visible (renamed and named in `latest`) only when all ranks finished."""
+    rank = torch_dist.get_rank() if torch_dist.is_initialized() else 0
+    tag, tmp_tag = tag_for(step), f".tmp-{tag_for(step)}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(root / tmp_tag, ignore_errors=True)  # a save killed earlier
+    barrier()
+    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
+    torch.save(rank_state, _rank_file(root / tmp_tag, rank))
+    barrier()  # every rank's files are on disk
+    if rank == 0:
+        _write_atomic(root / tmp_tag / "meta.json", json.dumps(meta, indent=1))
+        final = root / tag
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(root / tmp_tag, final)
+        _write_atomic(root / LATEST, tag)
+        prune(root, keep_last, keep={tag, *meta.get("keep", [])})
+    barrier()
+    return root / tag
+
+
+def prune(root: Path, keep_last: int, keep: set[str]) -> None:
+    """Delete complete checkpoints beyond the newest `keep_last` (and stale temporaries)."""
+    complete = sorted(p.name for p in root.glob("step-*") if p.is_dir())
+    for name in complete[:-keep_last]:
+        if name not in keep:
+            shutil.rmtree(root / name, ignore_errors=True)
+    for tmp in root.glob(".tmp-step-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def latest(root: Path) -> Path | None:
+    """The newest complete checkpoint: `latest` names only folders that were renamed into place."""
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    folder = root / pointer.read_text().strip()
+    return folder if (folder / "meta.json").is_file() else None
+
+
+def find_resume(cfg: Config, root: Path) -> Path | None:
+    """checkpoint.resume: auto = latest complete one if any; never; or an explicit folder."""
+    mode = cfg.checkpoint.resume
+    if mode == "never":
+        return None
+    if mode == "auto":
+        return latest(root)
+    folder = Path(mode)
+    if not (folder / "meta.json").is_file():
+        raise FileNotFoundError(f"checkpoint.resume: {folder} is not a complete checkpoint (no meta.json)")
+    return folder
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "meta.json").read_text())
+
+
+def load_rank_state(folder: Path, rank: int) -> dict[str, Any]:
+    path = _rank_file(folder, rank)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: checkpoint {folder} was written by fewer ranks")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def make_meta(cfg: Config, state: TrainState, world_size: int) -> dict[str, Any]:
+    return {
+        "train_state": state.state_dict(),
+        "signature": signature(cfg, world_size),
+        "config": to_dict(cfg),
+    }

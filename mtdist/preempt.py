@@ -1,0 +1,56 @@
+"""Preemption and time-limit signals -> finish the step, checkpoint on every rank, exit for requeue.
+
+The handler only records the signal (no I/O in a signal handler). The loop asks `requested()`
+after each optimizer step; ranks agree through one all-reduce, because Slurm may signal only
+some tasks. After the checkpoint, a handler that was installed before ours (submitit's, which
+requeues the job) is called outside signal context; otherwise main() raises Preempted and the
+CLI exits with REQUEUE_EXIT_CODE.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; slurm/train.sbatch requeues on it
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint written on a stop signal; the job should be requeued."""
+
+
+class StopSignal:
+    def __init__(self, names: list[str]) -> None:
+        self.received = 0
+        self.previous: dict[int, Any] = {}
+        for name in names:
+            signum = getattr(signal, name)
+            self.previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+
+    def requested(self, device: torch.device) -> bool:
+        """True on every rank if any rank got a stop signal."""
+        flag = torch.tensor([self.received], dtype=torch.int64, device=device)
+        if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+            torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+        self.received = int(flag.item())
+        return self.received != 0
+
+    def hand_over(self) -> None:
+        """Call the handler ours replaced (e.g. submitit's requeue), else raise Preempted."""
+        previous: Callable | Any = self.previous.get(self.received)
+        self.restore()
+        if callable(previous):
+            previous(self.received, None)
+        raise Preempted(f"stopped by signal {signal.Signals(self.received).name} after a checkpoint")
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
