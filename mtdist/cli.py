@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -31,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("overrides", nargs="*", metavar="key=value")
 
+    ev = sub.add_parser("eval", help="evaluate the student and the teacher of a checkpoint")
+    ev.add_argument(
+        "--checkpoint", required=True, help="a checkpoint folder, e.g. runs/x/checkpoints/step-00001000"
+    )
+    ev.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.val=other.index.json")
     demo = sub.add_parser("demo", help="supervised-only vs Mean Teacher on MNIST-5k, 10%% labels")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. seeds=[0] steps=2000")
     return p
@@ -62,6 +68,13 @@ def run(argv: list[str]) -> int:
         from mtdist.demo import run_demo
 
         run_demo(args.overrides)
+        return 0
+    if args.command == "eval":
+        from pathlib import Path
+
+        from mtdist.train import evaluate_checkpoint
+
+        print(json.dumps(evaluate_checkpoint(Path(args.checkpoint), args.overrides), indent=2))
         return 0
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:

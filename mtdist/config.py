@@ -7,6 +7,7 @@ never written back into it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -235,12 +236,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     data: dict[str, Any] = {}
     if path is not None:
         data = _read_yaml(Path(path))
+    return load_config_dict(data, overrides, source=str(path or "config"))
+
+
+def load_config_dict(
+    data: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), source: str = "config"
+) -> Config:
+    """Defaults <- `data` (nested sections) <- dotted overrides, then validated."""
+    data = copy.deepcopy(data)
     for text in overrides:
         _set_dotted(data, *parse_override(text))
     try:
         cfg = from_dict(Config, data)
     except ConfigError as err:
-        raise ConfigError(f"{path or 'config'}: {err}") from None
+        raise ConfigError(f"{source}: {err}") from None
     validate(cfg)
     return cfg
 

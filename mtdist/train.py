@@ -23,7 +23,7 @@ from tqdm import tqdm
 from mtdist import checkpoint
 from mtdist import data as mtdata
 from mtdist.checkpoint import TrainState
-from mtdist.config import Config, save_config, to_dict
+from mtdist.config import Config, load_config_dict, save_config, to_dict
 from mtdist.dist import DistEnv, dist_env_from_environ, init_process_group
 from mtdist.ema import Teacher, check_synchronized, flatten_parameters_
 from mtdist.engine import build_engine, init_distributed
@@ -107,6 +107,10 @@ def build_train_batches(cfg: Config, env: DistEnv, plan: Plan, start_batch: int 
     d = cfg.data
     train_tf, _ = mtdata.make_transforms(d.augment, d.image_size, d.channels, **_augment_kwargs(cfg))
     unlabeled = mtdata.resolve_shards(d.unlabeled) if plan.unlabeled_per_gpu else []
+    # per-shard counts from the index let a resume skip whole shards without reading them
+    counts = mtdata.shard_sample_counts(d.labeled) | (
+        mtdata.shard_sample_counts(d.unlabeled) if unlabeled else {}
+    )
     return mtdata.build_train_loader(
         mtdata.resolve_shards(d.labeled),
         unlabeled,
@@ -122,6 +126,7 @@ def build_train_batches(cfg: Config, env: DistEnv, plan: Plan, start_batch: int 
         cache_decoded=d.cache_decoded,
         pin_memory=torch.cuda.is_available(),
         start_batch=start_batch,
+        sample_counts=counts,
     )
 
 
@@ -152,7 +157,7 @@ def set_cpu_threads(device: torch.device) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
 
-def build_run(cfg: Config) -> Run:
+def build_run(cfg: Config, exact_resume: bool = True) -> Run:
     env = dist_env_from_environ()
     device = init_process_group(env, cfg.deepspeed.backend)
     init_distributed("nccl" if device.type == "cuda" else "gloo")
@@ -170,7 +175,7 @@ def build_run(cfg: Config) -> Run:
     teacher = build_teacher(cfg, student, device) if cfg.mean_teacher.enabled else None
     engine = build_engine(cfg, student, plan)
     torch.manual_seed(cfg.seed * 1_000_003 + env.rank)  # dropout differs per rank, as its data does
-    state = resume(cfg, env, engine, teacher, run_dir / "checkpoints")
+    state = resume(cfg, env, engine, teacher, run_dir / "checkpoints", exact_resume)
     metrics = MetricsLogger(run_dir, env.is_main)
     metrics.start_wandb(
         cfg.logging.wandb, cfg.logging.wandb_project, state.wandb_run_id, to_dict(cfg), run_dir
@@ -180,13 +185,21 @@ def build_run(cfg: Config) -> Run:
     return Run(cfg, env, device, plan, engine, teacher, batches, run_dir, metrics, state)
 
 
-def resume(cfg: Config, env: DistEnv, engine: Any, teacher: Teacher | None, root: Path) -> TrainState:
-    """Load the checkpoint that checkpoint.resume selects, or start fresh with a new W&B run id."""
+def resume(
+    cfg: Config, env: DistEnv, engine: Any, teacher: Teacher | None, root: Path, exact: bool = True
+) -> TrainState:
+    """Load the checkpoint that checkpoint.resume selects, or start fresh with a new W&B run id.
+
+    exact=False (evaluation only) allows another world size and loader layout.
+    """
     folder = checkpoint.find_resume(cfg, root)
     if folder is None:
         return TrainState(step=0, wandb_run_id=new_run_id())
     meta = checkpoint.read_meta(folder)
-    checkpoint.check_compatible(meta["signature"], checkpoint.signature(cfg, env.world_size), folder)
+    current = checkpoint.signature(cfg, env.world_size)
+    if not exact:
+        current = {k: v for k, v in current.items() if k not in ("world_size", "data.num_workers")}
+    checkpoint.check_compatible(meta["signature"], current, folder)
     engine.load_checkpoint(str(folder.parent), tag=folder.name)
     rank_state = checkpoint.load_rank_state(folder, env.rank)
     if teacher is not None:
@@ -374,3 +387,18 @@ def main(cfg: Config) -> dict[str, float]:
 def _saved_steps(run: Run) -> set[int]:
     last = checkpoint.latest(run.checkpoint_root)
     return {checkpoint.read_meta(last)["train_state"]["step"]} if last else set()
+
+
+def evaluate_checkpoint(folder: Path, overrides: list[str]) -> dict[str, float]:
+    """`mtdist eval`: student and teacher of a checkpoint on its val and test splits."""
+    meta = checkpoint.read_meta(folder)
+    data = meta["config"] | {"checkpoint": meta["config"]["checkpoint"] | {"resume": str(folder)}}
+    data["logging"] = data["logging"] | {"wandb": "disabled", "run_dir": str(folder / "eval")}
+    cfg = load_config_dict(data, overrides)
+    run = build_run(cfg, exact_resume=False)
+    out: dict[str, float] = {"step": run.state.step}
+    for split in ("val", "test"):
+        spec = getattr(cfg.data, split)
+        if spec:
+            out |= evaluate_both(run, spec, run.state.step, split)
+    return out

@@ -69,7 +69,7 @@ def _assert_same(resumed: list[tuple], reference: list[tuple]) -> None:
 
 # 46 unlabeled samples / 5 per batch: with num_workers=0 epoch 1 starts inside batch 9 and epoch 2
 # inside batch 18; the labeled stream (11 samples / 3 per batch) starts epoch 3 right at batch 11.
-# With 2 workers each reader's epoch (18 to 28 samples) ends inside a batch.
+# With 2 workers a reader's epoch holds 18 to 28 samples: the spans cross epochs of both workers.
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resumed_batches_equal_the_uninterrupted_ones(specs: dict[str, str], num_workers: int) -> None:
     starts, span = (4, 9, 11, 18, 27), 6
@@ -87,10 +87,13 @@ def test_resume_with_a_per_sample_random_transform(specs: dict[str, str]) -> Non
         _assert_same(list(resumed), reference[k : k + 6])
 
 
-def test_resume_without_counts_and_with_the_decoded_cache(specs: dict[str, str]) -> None:
+def test_resume_without_counts_and_with_the_decoded_cache(
+    specs: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
     reference = list(itertools.islice(_loader(specs), 26))
-    # No counts: the stream counts shards by reading them. cache_decoded: order unchanged.
+    # No counts: the stream counts shards by reading them, and says so. cache_decoded: order unchanged.
     _assert_same(list(itertools.islice(_loader(specs, 20, sample_counts=None), 6)), reference[20:])
+    assert "without sample counts for 10 shards" in caplog.text
     _assert_same(list(itertools.islice(_loader(specs, cache_decoded=True), 26)), reference)
     _assert_same(list(itertools.islice(_loader(specs, 20, cache_decoded=True), 6)), reference[20:])
 

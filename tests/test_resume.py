@@ -5,6 +5,7 @@ Real DeepSpeed, 2 processes on CPU, tiny config on real shards, loader workers >
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, TINY, shard_overrides
+
 from mtdist import checkpoint
 from mtdist.dist import free_port
 from mtdist.logger import read_metrics
@@ -26,17 +27,42 @@ TOTAL_STEPS = 12
 
 
 def overrides(shards: dict[str, str], run_dir: Path) -> list[str]:
-    return [*shard_overrides(shards), f"logging.run_dir={run_dir}", f"schedule.max_steps={TOTAL_STEPS}",
-            "checkpoint.interval_steps=3", "checkpoint.keep_last=10", "logging.log_interval_steps=1",
-            "data.num_workers=1", "logging.eval_interval_steps=6"]
+    return [
+        *shard_overrides(shards),
+        f"logging.run_dir={run_dir}",
+        f"schedule.max_steps={TOTAL_STEPS}",
+        "checkpoint.interval_steps=3",
+        "checkpoint.keep_last=10",
+        "logging.log_interval_steps=1",
+        "data.num_workers=1",
+        "logging.eval_interval_steps=6",
+    ]
 
 
 def launch(args: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "mtdist", "train", "--config", str(TINY), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        "-m",
+        "mtdist",
+        "train",
+        "--config",
+        str(TINY),
+        *args,
+    ]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: int = 600) -> tuple[int, str]:
@@ -82,11 +108,42 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(mnist_shards, tmp_path_factory) -> dict:
+def uninterrupted_dir(mnist_shards, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("run_a")
     code, out = finish(launch(overrides(mnist_shards, run_dir)))
     assert code == 0, out[-4000:]
-    return final_state(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_dir) -> dict:
+    return final_state(uninterrupted_dir)
+
+
+def test_eval_command_on_a_checkpoint(uninterrupted_dir):
+    """`mtdist eval --checkpoint DIR`: one process evaluates a checkpoint written by two."""
+    folder = checkpoint.latest(uninterrupted_dir / "checkpoints")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtdist", "eval", "--checkpoint", str(folder)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout[proc.stdout.index("{") :])
+    assert result["step"] == TOTAL_STEPS and result["val/count"] == 120
+    assert 0 <= result["val/teacher/top1"] <= 100 and 0 <= result["val/student/top5"] <= 100
+
+
+def test_checkpoint_of_another_model_is_refused(mnist_shards, uninterrupted_dir, tmp_path):
+    folder = checkpoint.latest(uninterrupted_dir / "checkpoints")
+    code, out = finish(
+        launch(overrides(mnist_shards, tmp_path) + [f"checkpoint.resume={folder}", "model.width=8"])
+    )
+    assert code != 0
+    assert "model.width: checkpoint 4 vs now 8" in out
 
 
 @pytest.mark.parametrize("kill_after_step", [4, 7, 10])

@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from wandb.proto import wandb_internal_pb2
-
 from conftest import ROOT, TINY, shard_overrides
+from wandb.proto import wandb_internal_pb2
 
 pytestmark = pytest.mark.slow
 BLOCK = 32768  # the .wandb file is a LevelDB-style log: 32 KiB blocks of checksummed records
@@ -43,14 +42,30 @@ def history(records: list[wandb_internal_pb2.Record]) -> list[dict]:
     rows = []
     for r in records:
         if r.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item})
+            rows.append(
+                {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                    for item in r.history.item
+                }
+            )
     return rows
 
 
 def train(shards: dict[str, str], run_dir: Path, steps: int) -> str:
-    cmd = [sys.executable, "-m", "mtdist", "train", "--config", str(TINY), *shard_overrides(shards),
-           f"logging.run_dir={run_dir}", f"schedule.max_steps={steps}", "logging.wandb=offline",
-           "data.labeled_batch_size=8", "data.batch_size=16"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mtdist",
+        "train",
+        "--config",
+        str(TINY),
+        *shard_overrides(shards),
+        f"logging.run_dir={run_dir}",
+        f"schedule.max_steps={steps}",
+        "logging.wandb=offline",
+        "data.labeled_batch_size=8",
+        "data.batch_size=16",
+    ]
     env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_API_KEY": "", "WANDB_MODE": "offline"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -67,14 +82,21 @@ def test_offline_run_holds_metrics_and_resume_continues_the_same_run(mnist_shard
     steps = [r["step"] for r in rows if "loss/total" in r]
     assert steps == [2, 4]
     assert any("val/teacher/top1" in r for r in rows) and all("time" not in r for r in rows)
-    logged = {i.key: json.loads(i.value_json) for r in records if r.WhichOneof("record_type") == "run"
-              for i in r.run.config.update}
+    logged = {
+        i.key: json.loads(i.value_json)
+        for r in records
+        if r.WhichOneof("record_type") == "run"
+        for i in r.run.config.update
+    }
     assert logged["optim"]["name"] == "sgd" and logged["mean_teacher"]["ema_decay"] == 0.99  # resolved config
 
     train(mnist_shards, tmp_path, steps=6)  # resumes from the step-4 checkpoint
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and {r.name.rsplit("-", 2)[-2] if r.name.endswith("-1") else r.name.rsplit("-", 1)[1]
-                                for r in runs} == {run_id}
+    assert len(runs) == 2 and {
+        r.name.rsplit("-", 2)[-2] if r.name.endswith("-1") else r.name.rsplit("-", 1)[1] for r in runs
+    } == {run_id}
     second = next(r for r in runs if r != first[0])
-    resumed = [r["step"] for r in history(read_wandb_records(next(second.glob("run-*.wandb")))) if "loss/total" in r]
+    resumed = [
+        r["step"] for r in history(read_wandb_records(next(second.glob("run-*.wandb")))) if "loss/total" in r
+    ]
     assert resumed == [6]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterator, Mapping
 
@@ -12,6 +13,8 @@ from torch.utils.data import DataLoader
 from .seeds import counter_seeds, seed_key
 from .stream import ShardStream, check_readers
 from .transforms import Transform
+
+log = logging.getLogger(__name__)
 
 # Stream ids mixed into the seed, so the labeled and unlabeled streams never share random draws.
 LABELED_STREAM, UNLABELED_STREAM, BATCH_AUGMENT_STREAM = 0, 1, 2
@@ -58,6 +61,7 @@ def build_train_loader(
             f"need labeled_per_gpu >= 1, unlabeled_per_gpu >= 0, start_batch >= 0: {labeled_per_gpu}, "
             f"{unlabeled_per_gpu}, {start_batch}"
         )
+    _warn_uncounted(labeled_urls + (unlabeled_urls if unlabeled_per_gpu else []), sample_counts, start_batch)
     batch_transform = transform if getattr(transform, "batched", False) else None
     per_sample = transform.prepare if batch_transform is not None else transform
     common = {"rank": rank, "world_size": world_size, "transform": per_sample, "channels": channels}
@@ -79,6 +83,16 @@ def build_train_loader(
         return batches
     key = seed_key(stream_seed(seed, BATCH_AUGMENT_STREAM), rank)
     return _augment_batches(batches, batch_transform, key, start_batch)
+
+
+def _warn_uncounted(urls: list[str], sample_counts: Mapping[str, int] | None, start_batch: int) -> None:
+    missing = [url for url in urls if url not in (sample_counts or {})]
+    if start_batch and missing:
+        log.warning(
+            "resuming at batch %d without sample counts for %d shards (e.g. %s): every reader reads each "
+            "such shard it meets once to count it; pass sample_counts=shard_sample_counts(spec) from an "
+            "*.index.json to skip them unread", start_batch, len(missing), missing[0],
+        )  # fmt: skip
 
 
 def build_eval_loader(
