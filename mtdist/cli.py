@@ -47,7 +47,7 @@ def dry_run(cfg: Config, world_size: int) -> str:
     from mtdist.plan import dataset_sizes, make_plan
 
     d = cfg.data
-    world = world_size or cfg.cluster.nodes * cfg.cluster.gpus_per_node
+    world = world_size or cfg.cluster.nodes * (cfg.cluster.tasks_per_node or cfg.cluster.gpus_per_node)
     plan = make_plan(cfg, world, *dataset_sizes(cfg))
     derived = {k: v for k, v in vars(plan).items() if k != "deepspeed_config"}
     derived["unlabeled_batch_size"] = d.batch_size - d.labeled_batch_size

@@ -119,7 +119,8 @@ class LoggingConfig:
 @dataclass
 class ClusterConfig:
     nodes: int = 1
-    gpus_per_node: int = 8  # tasks per node = GPUs per node
+    gpus_per_node: int = 8  # GPUs asked per node (--gpus-per-node); 0 = CPU-only nodes, no GPU request
+    tasks_per_node: int = 0  # processes per node; 0 = gpus_per_node (one per GPU); set when gpus_per_node=0
     cpus_per_task: int = 10
     mem_gb: int = 0  # 0 = the partition's default
     partition: str = ""
@@ -336,6 +337,7 @@ def validate(cfg: Config) -> None:
     )
     _check(not (ds.bf16 and ds.fp16), "deepspeed.fp16: cannot be true together with deepspeed.bf16; pick one")
     _check_schedule(cfg)
+    _check_cluster(cfg)
     _check(cfg.optim.lr > 0, f"optim.lr: {cfg.optim.lr} must be > 0")
     _check(cfg.optim.weight_decay >= 0, "optim.weight_decay: must be >= 0")
     _check(0 <= cfg.optim.momentum < 1, f"optim.momentum: {cfg.optim.momentum} must be in [0, 1)")
@@ -350,6 +352,21 @@ def validate(cfg: Config) -> None:
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last: must be >= 1")
     bad = [name for name in cfg.checkpoint.signals if name not in ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")]
     _check(not bad, f"checkpoint.signals: {bad} not allowed; use SIGUSR1, SIGUSR2, SIGTERM or SIGINT")
+
+
+def _check_cluster(cfg: Config) -> None:
+    c = cfg.cluster
+    _check(c.gpus_per_node >= 0, "cluster.gpus_per_node: must be >= 0 (0 = CPU-only nodes)")
+    _check(c.tasks_per_node >= 0, "cluster.tasks_per_node: must be >= 0 (0 = one task per GPU)")
+    _check(
+        not (c.gpus_per_node and c.tasks_per_node and c.tasks_per_node != c.gpus_per_node),
+        f"cluster.tasks_per_node: {c.tasks_per_node} differs from cluster.gpus_per_node ({c.gpus_per_node}); "
+        "mtdist runs one task per GPU: set it to 0 or to gpus_per_node",
+    )
+    _check(
+        c.gpus_per_node > 0 or c.tasks_per_node > 0,
+        "cluster.gpus_per_node is 0 (no GPUs): set cluster.tasks_per_node to the processes per node",
+    )
 
 
 def _check_schedule(cfg: Config) -> None:

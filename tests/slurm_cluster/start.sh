@@ -280,11 +280,12 @@ for ((i = 1; i <= NODES; i++)); do
   fi
 done
 
-# ---------------------------------------------------------------- 4. wait for idle nodes
+# ---------------------------------------------------------------- 4. wait for usable nodes
+# idle, or running jobs of another test session sharing this cluster (mix/alloc/completing)
 all_idle() {
   local s
   s=$(sinfo -h -N -o '%N %t' 2>/dev/null | sort -u)
-  [ "$(echo "$s" | awk '$2 == "idle" {c++} END {print c + 0}')" -eq "$NODES" ] && return 0
+  [ "$(echo "$s" | awk '$2 ~ /^(idle|mix|alloc|comp)$/ {c++} END {print c + 0}')" -eq "$NODES" ] && return 0
   # nodes left DRAIN/DOWN by an earlier run (state is kept in /var/spool/slurmctld) are resumed
   echo "$s" | awk '$2 ~ /^(drain|drng|down|fail)$/ {print $1}' |
     while read -r n; do scontrol update NodeName="$n" State=RESUME >/dev/null 2>&1 || true; done
@@ -295,7 +296,7 @@ for ((t = 0; ; t++)); do
   for ((i = 1; i <= NODES; i++)); do
     alive "$(pid_of /run/slurmd-node$i.pid)" || die "slurmd node$i died (see $LOGD/slurmd-node$i.log)"
   done
-  [ "$t" -lt $((TMO * 4)) ] || die "timed out after ${TMO}s waiting for $NODES idle node(s)"
+  [ "$t" -lt $((TMO * 4)) ] || die "timed out after ${TMO}s waiting for $NODES usable node(s)"
   sleep 0.25
 done
 log "cluster ready: $(sinfo -h -o '%P %a %D %t %N' | tr '\n' ' ')"

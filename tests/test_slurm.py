@@ -1,0 +1,181 @@
+"""Real Slurm (2 nodes on localhost), real submitit, real DeepSpeed over gloo: the tiny config trains.
+
+The cluster comes from tests/slurm_fixtures.py (started once per session). Every job writes into a
+fresh folder under tmp_path. The teacher-identical-on-every-rank check is mtdist's own: every
+evaluation hashes the teacher on all ranks and raises on a mismatch, so a completed job with
+evaluations at steps 2 and 4 passed it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from conftest import ROOT, TINY, shard_overrides
+
+from launch.job import requeue_signal
+from mtdist.logger import read_metrics
+
+if TYPE_CHECKING:
+    from slurm_fixtures import SlurmCluster
+
+pytest_plugins = ["slurm_fixtures"]  # the session fixture slurm_cluster
+pytestmark = pytest.mark.slow
+JOB_TIMEOUT_S = 600  # the first DeepSpeed start on a fresh machine JIT-compiles an op (about 2 min)
+SIGNAL_STEPS = 12  # signalled after step 2: 10 steps (several seconds) left to catch it in
+
+
+def train_overrides(shards: dict[str, str], run_dir: Path, max_steps: int = 4) -> list[str]:
+    return [
+        *shard_overrides(shards),
+        f"logging.run_dir={run_dir}",
+        f"schedule.max_steps={max_steps}",
+        "data.num_workers=0",
+        "logging.eval_interval_steps=2",
+    ]
+
+
+def cluster_overrides(tasks_per_node: int, **extra: object) -> list[str]:
+    """CPU-only nodes: no GPUs asked for, tasks given explicitly, one CPU each."""
+    keys = {"nodes": 2, "gpus_per_node": 0, "tasks_per_node": tasks_per_node, "cpus_per_task": 1} | extra
+    return [f"cluster.{k}={v}" for k, v in keys.items()]
+
+
+def launch(args: list[str], cluster: SlurmCluster) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "launch.submit", "--config", str(TINY), *args]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, env=cluster.env, timeout=JOB_TIMEOUT_S
+    )
+
+
+def check_trained(run_dir: Path, world_size: int, max_steps: int = 4) -> None:
+    """Every step logged once (a restart from scratch would log the first steps again)."""
+    rows = read_metrics(run_dir)
+    train = [r for r in rows if "loss/total" in r]
+    assert [r["step"] for r in train] == list(range(2, max_steps + 1, 2))
+    assert {r["system/world_size"] for r in train} == {world_size}
+    evals = [
+        r["step"] for r in rows if "eval/teacher/top1" in r
+    ]  # the teacher's rank-sync is checked at each
+    assert evals == list(range(2, max_steps + 1, 2))
+    final = json.loads((run_dir / "final.json").read_text())
+    assert final["step"] == max_steps and final["val/count"] == 120  # every val image once across ranks
+
+
+def job_id_of(stdout: str) -> str:
+    match = re.search(r"^submitted job (\d+): 2 node\(s\)", stdout, re.M)
+    assert match, stdout
+    return match.group(1)
+
+
+@pytest.mark.parametrize("tasks_per_node", [1, 2])
+def test_launch_trains_on_two_nodes(slurm_cluster, mnist_shards, tmp_path, tasks_per_node):
+    run_dir = tmp_path / "run"
+    args = [*train_overrides(mnist_shards, run_dir), *cluster_overrides(tasks_per_node)]
+    proc = launch([*args, "--wait"], slurm_cluster)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-5000:]
+    job_id = job_id_of(proc.stdout)
+    assert f"stdout: {run_dir / 'slurm' / job_id}_0_log.out" in proc.stdout
+    assert f"stderr: {run_dir / 'slurm' / job_id}_0_log.err" in proc.stdout
+    assert f"run folder: {run_dir}" in proc.stdout
+    assert f"job {job_id} completed: {2 * tasks_per_node} task(s)" in proc.stdout
+    check_trained(run_dir, world_size=2 * tasks_per_node)
+    sacct = ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "NodeList"]
+    assert subprocess.run(sacct, capture_output=True, text=True).stdout.split() == ["node[1-2]"]
+    # what --dry-run prints is exactly what was submitted
+    dry = launch([*args, "--dry-run"], slurm_cluster)
+    assert dry.stdout == (run_dir / "slurm" / f"{job_id}_submission.sh").read_text() + "\n"
+
+
+def test_sbatch_script_trains_and_requeues_itself_after_a_signal(slurm_cluster, mnist_shards, tmp_path):
+    """slurm/train.sbatch on 2 nodes; Slurm's pre-time-limit SIGUSR1 mid-run: the tasks checkpoint and
+    exit 75, the script requeues the job, the restarted job resumes and completes."""
+    run_dir = tmp_path / "run"
+    cmd = [
+        "sbatch",
+        "--parsable",
+        *("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10"),
+        "--gpus-per-node=0",  # the script's #SBATCH lines are for 8-GPU nodes; the command line wins
+        f"--output={tmp_path}/%j.out",
+        "slurm/train.sbatch",
+        str(TINY),
+        *train_overrides(mnist_shards, run_dir, max_steps=SIGNAL_STEPS),
+    ]
+    submitted = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=slurm_cluster.env)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    interrupt_when_training(slurm_cluster, run_dir, job_id, "SIGUSR1", tmp_path / f"{job_id}.out")
+    state = slurm_cluster.wait(job_id, JOB_TIMEOUT_S)
+    log = (tmp_path / f"{job_id}.out").read_text()
+    assert state == "COMPLETED", log[-5000:]
+    assert slurm_cluster.states(job_id) == ["REQUEUED", "COMPLETED"]
+    assert f"mtdist: job {job_id} (restart 0) on node[1-2], 2 tasks, master node1:" in log
+    assert f"mtdist: checkpointed after a signal; requeueing job {job_id}" in log
+    assert f"mtdist: job {job_id} (restart 1) on node[1-2]" in log and "resumed from " in log
+    check_trained(run_dir, world_size=2, max_steps=SIGNAL_STEPS)
+
+
+def test_submitit_signal_checkpoints_requeues_and_resumes(slurm_cluster, mnist_shards, tmp_path):
+    """Slurm's pre-time-limit signal (submitit's USR2, what job._interrupt() sends) mid-run: every rank
+    checkpoints at the step boundary, submitit calls TrainJob.checkpoint() and requeues, and the
+    restarted job (resume=auto, although submitted with never) continues from the checkpoint."""
+    run_dir = tmp_path / "run"
+    overrides = [*train_overrides(mnist_shards, run_dir, max_steps=SIGNAL_STEPS), "checkpoint.resume=never"]
+    proc = launch([*overrides, *cluster_overrides(1)], slurm_cluster)
+    assert proc.returncode == 0, proc.stderr
+    job_id = job_id_of(proc.stdout)
+    rank0_log = run_dir / "slurm" / f"{job_id}_0_log.err"
+    interrupt_when_training(slurm_cluster, run_dir, job_id, requeue_signal().name, rank0_log)
+    assert slurm_cluster.wait(job_id, JOB_TIMEOUT_S) == "COMPLETED", rank0_log.read_text()[-5000:]
+    assert slurm_cluster.states(job_id) == ["REQUEUED", "COMPLETED"]
+    assert _submitted(run_dir, job_id).function.cfg.checkpoint.resume == "auto"
+    assert "resumed from " in rank0_log.read_text()
+    check_trained(run_dir, world_size=2, max_steps=SIGNAL_STEPS)
+
+
+def interrupt_when_training(
+    cluster: SlurmCluster, run_dir: Path, job_id: str, signal: str, log: Path
+) -> None:
+    """Signal every task (as Slurm does before the time limit) once the first metrics row exists:
+    the loop runs, with most of its steps to go."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not (run_dir / "metrics.jsonl").is_file() or not read_metrics(run_dir):
+        tail = log.read_text()[-5000:] if log.is_file() else "no log"
+        assert cluster.running(job_id) and time.monotonic() < deadline, tail
+        time.sleep(0.2)
+    subprocess.run(["scancel", f"--signal={signal}", job_id], check=True)
+
+
+def _submitted(run_dir: Path, job_id: str) -> Any:
+    from submitit.core.utils import DelayedSubmission
+
+    return DelayedSubmission.load(run_dir / "slurm" / f"{job_id}_submitted.pkl")
+
+
+@pytest.mark.parametrize(
+    "overrides, reason",
+    [
+        (["cluster.partition=nope"], "invalid partition specified: nope"),
+        (["cluster.mem_gb=100000"], "not available; memory 100000GB per node > "),
+        (["cluster.cpus_per_task=64"], "not available; 64 CPUs per node (tasks x cpus_per_task) > 4"),
+        (["cluster.nodes=3"], "not available; nodes 3 > 2 in partition debug"),
+        (["cluster.gpus_per_node=1", "cluster.tasks_per_node=0"], "Invalid generic resource (gres)"),
+    ],
+    ids=["partition", "memory", "cpus", "nodes", "gpus"],
+)
+def test_impossible_request_is_refused_with_slurms_reason(
+    slurm_cluster, mnist_shards, tmp_path, overrides, reason
+):
+    args = [*train_overrides(mnist_shards, tmp_path / "run"), *cluster_overrides(1), *overrides]
+    proc = launch(args, slurm_cluster)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("launch: Slurm refused the job: "), proc.stderr
+    assert reason in lines[0] and "partitions: debug*: 2 nodes, 4 CPUs" in lines[0]
+    assert not list((tmp_path / "run").glob("slurm/*_submission.sh"))  # refused before submission
