@@ -99,7 +99,6 @@ class DeepSpeedConfig:
 class CheckpointConfig:
     interval_steps: int = 1000  # 0 = only at the end and on signals
     keep_last: int = 3
-    keep_best: bool = True  # also keep the best by teacher top-1
     resume: str = "auto"  # auto | never | a checkpoint folder
     signals: list[str] = field(
         default_factory=lambda: ["SIGUSR1", "SIGUSR2", "SIGTERM"]
