@@ -221,8 +221,13 @@ class ShardStream(IterableDataset):
         return sum(self.counts[url] for url in shards)
 
     def _views(self, sample: dict, gen: torch.Generator) -> tuple:
-        image = self._image(sample)
-        views = [self.transform(image, gen) for _ in range(self.views)]
+        views_from_bytes = getattr(self.transform, "views_from_bytes", None)
+        if views_from_bytes is not None and self.cache is None:
+            # A transform that decodes for itself (e.g. at a reduced DCT scale fitting every view's crop).
+            views = views_from_bytes(_image_bytes(sample), self.views, gen)
+        else:
+            image = self._image(sample)
+            views = [self.transform(image, gen) for _ in range(self.views)]
         return (*views, self._label(sample), sample["__key__"])
 
     def _image(self, sample: dict) -> torch.Tensor:
