@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel: an unpinned torch would make pip fetch a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint bench
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -20,6 +20,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# every benchmark, ratios measured side by side (about 5 minutes on 2 cores); see benchmarks/RESULTS.md
+bench: setup
+	$(PY) -m benchmarks
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

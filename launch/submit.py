@@ -3,7 +3,8 @@
 The executor comes from the config's `cluster` section: nodes, tasks per node (one per GPU on GPU
 nodes, `cluster.tasks_per_node` on CPU-only nodes), CPUs per task, memory, partition, account, qos,
 time limit, constraint, exclusive, job name, log folder (default <run_dir>/slurm), extra sbatch
-options and setup lines. The submitted callable (launch.job.TrainJob) sets up torch.distributed from
+options and setup lines, and how long before the time limit Slurm signals the job (signal_delay_s).
+The submitted callable (launch.job.TrainJob) sets up torch.distributed from
 Slurm, runs `mtdist.train.main(cfg)`, and requeues itself with `checkpoint.resume=auto` when Slurm
 signals a preemption or the time limit. Exit status: 0 submitted (or, with --wait, completed),
 1 refused by Slurm or failed, 2 a config error.
@@ -23,7 +24,6 @@ from typing import Any
 
 from mtdist.config import ClusterConfig, Config, ConfigError, load_config
 
-SIGNAL_DELAY_S = 120  # Slurm signals this long before the time limit: time to finish a step and checkpoint
 # Once one task has ended, srun gives the others 60 s, then kills them: a crashed rank must not leave the
 # rest blocked in a collective until its timeout (30 min), and ranks ending together keep their status.
 SRUN_ARGS = ["--wait=60"]
@@ -77,7 +77,7 @@ def slurm_parameters(cfg: Config) -> dict[str, Any]:
         "ntasks_per_node": tasks_per_node(c),
         "cpus_per_task": c.cpus_per_task,
         "time": c.time_minutes,
-        "signal_delay_s": SIGNAL_DELAY_S,
+        "signal_delay_s": c.signal_delay_s,  # time to finish the step and checkpoint before the limit
         "setup": [*JOB_SETUP, *c.setup],
         "srun_args": SRUN_ARGS,
         "additional_parameters": _additional(c.sbatch_extra),

@@ -8,6 +8,11 @@ Layout of `<run_dir>/checkpoints/`:
         meta.json             step, world size, resolved config, W&B run id, model signature
     .tmp-step-00000200/       being written; never read, removed on the next save
     latest                    the name of the newest complete checkpoint (replaced atomically)
+    best                      checkpoint.keep_best: the name of the checkpoint with the best teacher top-1
+                              so far (replaced atomically); that folder is exempt from keep_last
+
+A save is made visible by one rename, after every rank has written its files: a process killed
+at any point of a save leaves `latest` naming the previous complete checkpoint.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import json
 import os
 import random
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,20 +34,40 @@ from mtdist.config import Config, to_dict
 from mtdist.dist import barrier
 
 LATEST = "latest"
+BEST = "best"
+# Tests only (tests/test_resume.py): "N" makes every rank block inside the save of step N, after
+# writing its files into the temporary folder, until it is killed: a kill during a save, made exact.
+HANG_IN_SAVE_ENV = "MTDIST_TEST_HANG_IN_SAVE"
 
 
 @dataclass
 class TrainState:
-    """What the loop needs to continue: the optimizer step and the W&B run id."""
+    """What the loop needs to continue: the optimizer step, the W&B run id, the best evaluation so far."""
 
     step: int = 0
     wandb_run_id: str = ""
+    best_step: int = 0  # checkpoint.keep_best: step of the best evaluation so far; 0 = none yet
+    best_top1: float = -1.0
+
+    def note_eval(self, top1: float, step: int) -> bool:
+        """True if `top1` beats every earlier evaluation (a tie keeps the earlier checkpoint)."""
+        if top1 <= self.best_top1:
+            return False
+        self.best_step, self.best_top1 = step, top1
+        return True
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "wandb_run_id": self.wandb_run_id}
+        return {
+            "step": self.step,
+            "wandb_run_id": self.wandb_run_id,
+            "best_step": self.best_step,
+            "best_top1": self.best_top1,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.wandb_run_id = int(state["step"]), str(state["wandb_run_id"])
+        # checkpoints written before keep_best existed have no best: start comparing afresh
+        self.best_step, self.best_top1 = int(state.get("best_step", 0)), float(state.get("best_top1", -1.0))
 
 
 def tag_for(step: int) -> str:
@@ -116,7 +142,10 @@ def _write_atomic(path: Path, text: str) -> None:
 def save(
     root: Path, engine: Any, rank_state: dict[str, Any], meta: dict[str, Any], step: int, keep_last: int
 ) -> Path:
-    """Every rank calls this. Visible (renamed and named in `latest`) only when all ranks finished."""
+    """Every rank calls this. Visible (renamed and named in `latest`) only when all ranks finished.
+
+    When meta's train state names this step as the best (checkpoint.keep_best), `best` names it too.
+    """
     rank = torch_dist.get_rank() if torch_dist.is_initialized() else 0
     tag, tmp_tag = tag_for(step), f".tmp-{tag_for(step)}"
     if rank == 0:
@@ -125,6 +154,7 @@ def save(
     barrier()
     engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
     torch.save(rank_state, _rank_file(root / tmp_tag, rank))
+    _hang_if_testing(root / tmp_tag, step, rank)
     barrier()  # every rank's files are on disk
     if rank == 0:
         _write_atomic(root / tmp_tag / "meta.json", json.dumps(meta, indent=1))
@@ -132,13 +162,26 @@ def save(
         shutil.rmtree(final, ignore_errors=True)
         os.replace(root / tmp_tag, final)
         _write_atomic(root / LATEST, tag)
-        prune(root, keep_last, keep={tag, *meta.get("keep", [])})
+        if meta["train_state"].get("best_step") == step:
+            _write_atomic(root / BEST, tag)
+        best_folder = best(root)
+        prune(root, keep_last, keep={tag} | ({best_folder.name} if best_folder else set()))
     barrier()
     return root / tag
 
 
+def _hang_if_testing(folder: Path, step: int, rank: int) -> None:
+    """HANG_IN_SAVE_ENV: block here (files written, nothing renamed) until killed; tests only."""
+    if os.environ.get(HANG_IN_SAVE_ENV) != str(step):
+        return
+    (folder / f"hanging-rank{rank:05d}").touch()
+    while True:
+        time.sleep(1)
+
+
 def prune(root: Path, keep_last: int, keep: set[str]) -> None:
-    """Delete complete checkpoints beyond the newest `keep_last` (and stale temporaries)."""
+    """Delete complete checkpoints beyond the newest `keep_last` except those in `keep` (the newest and
+    the best), and stale temporaries of killed saves."""
     complete = sorted(p.name for p in root.glob("step-*") if p.is_dir())
     for name in complete[:-keep_last]:
         if name not in keep:
@@ -148,11 +191,27 @@ def prune(root: Path, keep_last: int, keep: set[str]) -> None:
 
 
 def latest(root: Path) -> Path | None:
-    """The newest complete checkpoint: `latest` names only folders that were renamed into place."""
-    pointer = root / LATEST
+    """The newest complete checkpoint: `latest` names only folders that were renamed into place.
+
+    Should the folder it names be gone (a save of the same step killed between removing the old
+    folder and renaming the new one), the newest complete folder is taken instead.
+    """
+    folder = _pointed(root / LATEST)
+    if folder is not None or not (root / LATEST).is_file():
+        return folder
+    complete = sorted(p for p in root.glob("step-*") if (p / "meta.json").is_file())
+    return complete[-1] if complete else None
+
+
+def best(root: Path) -> Path | None:
+    """The checkpoint with the best teacher top-1 so far (checkpoint.keep_best), if any."""
+    return _pointed(root / BEST)
+
+
+def _pointed(pointer: Path) -> Path | None:
     if not pointer.is_file():
         return None
-    folder = root / pointer.read_text().strip()
+    folder = pointer.parent / pointer.read_text().strip()
     return folder if (folder / "meta.json").is_file() else None
 
 

@@ -1,4 +1,4 @@
-"""The `mtdist` command: train, demo. Config comes from YAML plus dotted key=value overrides."""
+"""The `mtdist` command: train, eval, plan, report, demo. Config: YAML plus dotted key=value overrides."""
 
 from __future__ import annotations
 
@@ -37,9 +37,58 @@ def _parser() -> argparse.ArgumentParser:
         "--checkpoint", required=True, help="a checkpoint folder, e.g. runs/x/checkpoints/step-00001000"
     )
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.val=other.index.json")
+    _add_plan_parser(sub)
+    _add_report_parser(sub)
+    shards = sub.add_parser("make-shards", help="ImageNet folders (ILSVRC-2012 layout) -> WebDataset shards")
+    from mtdist.data.make_shards import add_arguments as add_make_shards_arguments
+
+    add_make_shards_arguments(shards)
     demo = sub.add_parser("demo", help="supervised-only vs Mean Teacher on MNIST-5k, 10%% labels")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. seeds=[0] steps=2000")
     return p
+
+
+def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
+    from mtdist.preflight import DEFAULT_DECODE_PER_CORE, DEFAULT_SAMPLE_BYTES
+
+    plan = sub.add_parser("plan", help="preflight: time, GPU-hours, read rate and decode cores of a run")
+    plan.add_argument("--config", required=True, help="YAML file, e.g. configs/imagenet_resnet152_10pct.yaml")
+    speed = plan.add_mutually_exclusive_group(required=True)
+    speed.add_argument("--images-per-s", type=float, help="student images/s per GPU (e.g. from gpu_step.py)")
+    speed.add_argument(
+        "--measure-steps", type=int, help="measure it: this many synthetic steps of one rank on this machine"
+    )
+    plan.add_argument("--world-size", type=int, default=0, help="GPUs (default: nodes x gpus_per_node)")
+    plan.add_argument(
+        "--decode-per-core",
+        type=float,
+        default=DEFAULT_DECODE_PER_CORE,
+        help=f"two-view images/s one CPU core decodes (default {DEFAULT_DECODE_PER_CORE:.0f})",
+    )
+    plan.add_argument(
+        "--sample-bytes",
+        type=float,
+        default=DEFAULT_SAMPLE_BYTES,
+        help=f"bytes per sample where the shard index cannot tell (default {DEFAULT_SAMPLE_BYTES:,})",
+    )
+    plan.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def _add_report_parser(sub: argparse._SubParsersAction) -> None:
+    report = sub.add_parser("report", help="PNG plots of a run's metrics into RUN_DIR/report/")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run folder holding metrics.jsonl")
+
+
+def plan_command(args: argparse.Namespace) -> str:
+    from mtdist import preflight
+
+    cfg = load_config(args.config, args.overrides)
+    if args.measure_steps is not None:
+        speed, source = preflight.measure_images_per_s(cfg, args.world_size, args.measure_steps)
+    else:
+        speed, source = args.images_per_s, "given"
+    est = preflight.estimate(cfg, speed, args.world_size, args.decode_per_core, args.sample_bytes)
+    return preflight.report(est, source)
 
 
 def dry_run(cfg: Config, world_size: int) -> str:
@@ -68,6 +117,26 @@ def run(argv: list[str]) -> int:
         from mtdist.demo import run_demo
 
         run_demo(args.overrides)
+        return 0
+    if args.command == "make-shards":
+        from mtdist.data.make_shards import run_from_args
+
+        return run_from_args(args)
+    if args.command == "plan":
+        try:
+            print(plan_command(args))
+        except FileNotFoundError as err:  # a shard index named by the config is not there
+            print(f"mtdist plan: {err}", file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "report":
+        from mtdist.report import write_report
+
+        try:
+            print("\n".join(write_report(args.run_dir)))
+        except (FileNotFoundError, ValueError) as err:
+            print(f"mtdist report: {err}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "eval":
         from pathlib import Path

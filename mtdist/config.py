@@ -41,6 +41,12 @@ class DataConfig:
     shuffle_buffer: int = 1000
     cache_decoded: bool = False  # keep decoded images in memory after their first read (small data only)
     eval_batch_size_per_gpu: int = 100
+    # Corrupt samples (undecodable image, bad label, lost in a broken tar) are skipped and counted; a
+    # reader dropping more than this fraction of its samples stops the run, judged after it read
+    # error_fraction_min_samples (so the first bad sample does not stop a run). 1.0 = no bound (a reader
+    # without one usable sample in a whole epoch still stops it).
+    max_error_fraction: float = 0.01
+    error_fraction_min_samples: int = 1000
 
 
 @dataclass
@@ -51,6 +57,7 @@ class ModelConfig:
     dropout: float = 0.0
     width: int = 64
     channels_last: bool = False  # CUDA only: NHWC convolutions for tensor cores
+    compile: bool = False  # torch.compile student and teacher in place (first step pays the compilation)
 
 
 @dataclass
@@ -100,6 +107,7 @@ class CheckpointConfig:
     interval_steps: int = 1000  # 0 = only at the end and on signals
     keep_last: int = 3
     resume: str = "auto"  # auto | never | a checkpoint folder
+    keep_best: bool = False  # also keep the checkpoint of the best eval teacher top-1 (named in `best`)
     signals: list[str] = field(
         default_factory=lambda: ["SIGUSR1", "SIGUSR2", "SIGTERM"]
     )  # -> checkpoint, exit
@@ -131,6 +139,7 @@ class ClusterConfig:
     job_name: str = "mtdist"
     log_folder: str = ""  # "" = <run_dir>/slurm
     max_requeues: int = 20
+    signal_delay_s: int = 120  # Slurm signals the job this long before its time limit (--signal=USR2@N)
     sbatch_extra: dict[str, str] = field(default_factory=dict)
     setup: list[str] = field(default_factory=list)  # shell lines run before the job (module load ...)
 
@@ -303,6 +312,7 @@ def _check_positive(cfg: Config) -> None:
         "data.unlabeled_size",
         "data.num_workers",
         "data.shuffle_buffer",
+        "data.error_fraction_min_samples",
         "schedule.max_steps",
         "checkpoint.interval_steps",
         "logging.eval_interval_steps",
@@ -335,6 +345,10 @@ def validate(cfg: Config) -> None:
         "student's parameters, which the teacher's EMA reads every step)",
     )
     _check(not (ds.bf16 and ds.fp16), "deepspeed.fp16: cannot be true together with deepspeed.bf16; pick one")
+    _check(
+        0.0 <= d.max_error_fraction <= 1.0,
+        f"data.max_error_fraction: {d.max_error_fraction} must be in [0, 1] (1 = never stop on corrupt data)",
+    )
     _check_schedule(cfg)
     _check_cluster(cfg)
     _check(cfg.optim.lr > 0, f"optim.lr: {cfg.optim.lr} must be > 0")
@@ -349,6 +363,10 @@ def validate(cfg: Config) -> None:
         "mean_teacher.logit_distance_cost: needs model.two_heads=true (or set the cost to 0)",
     )
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last: must be >= 1")
+    _check(
+        not cfg.checkpoint.keep_best or bool(d.val),
+        "checkpoint.keep_best: needs data.val (the best checkpoint is chosen by its top-1 there)",
+    )
     bad = [name for name in cfg.checkpoint.signals if name not in ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")]
     _check(not bad, f"checkpoint.signals: {bad} not allowed; use SIGUSR1, SIGUSR2, SIGTERM or SIGINT")
 
@@ -365,6 +383,11 @@ def _check_cluster(cfg: Config) -> None:
     _check(
         c.gpus_per_node > 0 or c.tasks_per_node > 0,
         "cluster.gpus_per_node is 0 (no GPUs): set cluster.tasks_per_node to the processes per node",
+    )
+    _check(
+        0 <= c.signal_delay_s < c.time_minutes * 60,
+        f"cluster.signal_delay_s: {c.signal_delay_s} must be in [0, cluster.time_minutes * 60) "
+        f"({c.time_minutes * 60} s); it is how long before the time limit the job is told to checkpoint",
     )
 
 

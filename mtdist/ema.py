@@ -47,6 +47,12 @@ class Teacher:
     @torch.no_grad()
     def update(self, student: nn.Module) -> float:
         """teacher <- a * teacher + (1 - a) * student for all parameters in one fused call."""
+        if self._params[0].data_ptr() != self._flat.data_ptr():
+            raise RuntimeError(
+                "teacher: its parameters no longer view its flat fp32 buffer (the module was moved or "
+                "converted after Teacher() was built, e.g. .to(device) or .to(memory_format=...)); put the "
+                "module on its device and memory format first, then build the Teacher"
+            )
         self.updates += 1
         a = ema_decay(self.updates, self.decay)
         student_params = [p.detach() for p in student.parameters()]
@@ -111,7 +117,7 @@ def flat_view(params: list[torch.Tensor]) -> torch.Tensor | None:
     offset = start
     for p in params:
         same = p.untyped_storage().data_ptr() == storage.data_ptr() and p.dtype == first.dtype
-        if not (same and p.storage_offset() == offset and p.is_contiguous()):
+        if not (same and p.storage_offset() == offset and _dense(p)):
             return None
         offset += p.numel()
     return first.new_empty(0).set_(storage, start, (offset - start,))
@@ -121,18 +127,41 @@ def flat_view(params: list[torch.Tensor]) -> torch.Tensor | None:
 def flatten_parameters_(module: nn.Module) -> torch.Tensor:
     """Re-point every parameter of `module` to a view of one new contiguous buffer; returns it.
 
-    Values, shapes, dtypes and identities of the Parameter objects are unchanged, so optimizers
-    and DeepSpeed see the same module; an EMA over the module becomes one elementwise op.
+    Values, shapes, dtypes, memory layouts (channels_last stays channels_last) and identities of
+    the Parameter objects are unchanged, so optimizers and DeepSpeed see the same module; an EMA
+    over the module becomes one elementwise op.
     """
     params = list(module.parameters())
     if len({(p.dtype, p.device) for p in params}) != 1:
         raise ValueError("flatten_parameters_: parameters must share one dtype and device")
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    flat = torch.cat([_in_storage_order(p.detach()) for p in params])
     offset = 0
     for p in params:
-        p.data = flat[offset : offset + p.numel()].view_as(p)
+        p.data = _view_with_layout(flat[offset : offset + p.numel()], p)
         offset += p.numel()
     return flat
+
+
+def _channels_last(p: torch.Tensor) -> bool:
+    return p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+
+
+def _dense(p: torch.Tensor) -> bool:
+    """Contiguous or channels_last: the tensor tiles exactly p.numel() consecutive elements."""
+    return p.is_contiguous() or _channels_last(p)
+
+
+def _in_storage_order(p: torch.Tensor) -> torch.Tensor:
+    """The elements of `p` as 1-D, in the order its memory layout stores them."""
+    return p.permute(0, 2, 3, 1).reshape(-1) if _channels_last(p) else p.reshape(-1)
+
+
+def _view_with_layout(chunk: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A view of `chunk` shaped and strided like `p`: channels_last conv weights stay NHWC on CUDA."""
+    if _channels_last(p):
+        n, c, h, w = p.shape
+        return chunk.view(n, h, w, c).permute(0, 3, 1, 2)
+    return chunk.view_as(p)
 
 
 def check_synchronized(teacher: Teacher, step: int) -> str:

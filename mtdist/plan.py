@@ -111,6 +111,6 @@ def deepspeed_config(cfg: Config, micro_batch_per_gpu: int) -> dict[str, Any]:
     }
     if ds.bf16 or ds.fp16:
         out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if ds.bf16 else "float16"}
-    if cfg.optim.grad_clip > 0:
-        out["gradient_clipping"] = cfg.optim.grad_clip
+    # always explicit: DeepSpeed's default is 1.0, which clipped every run whose config said "off"
+    out["gradient_clipping"] = cfg.optim.grad_clip
     return out

@@ -18,6 +18,9 @@ import torch
 import torch.distributed as torch_dist
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; slurm/train.sbatch requeues on it
+# Every signal checkpoint.signals may name. Slurm sends them to every process of a task, loader
+# workers included; only the main process acts on them.
+STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
 
 
 class Preempted(Exception):
@@ -54,3 +57,15 @@ class StopSignal:
     def restore(self) -> None:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def ignore_stop_signals() -> None:
+    """For DataLoader worker processes (their worker_init_fn), under any start method.
+
+    A stop signal reaches the workers too (Slurm signals all of a task's processes; a terminal or
+    `kill -- -PGID` the process group). Their default action, or torch's SIGTERM handler in the
+    worker, would kill the worker, and the main process would then fail on the dead worker before
+    the checkpoint the signal asked for. The main process stops the workers itself when it exits.
+    """
+    for name in STOP_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,8 +24,8 @@ from tqdm import tqdm
 from mtdist import checkpoint
 from mtdist import data as mtdata
 from mtdist.checkpoint import TrainState
-from mtdist.config import Config, load_config_dict, save_config, to_dict
-from mtdist.dist import DistEnv, dist_env_from_environ, init_process_group
+from mtdist.config import Config, ConfigError, load_config_dict, save_config, to_dict
+from mtdist.dist import DistEnv, dist_env_from_environ, init_process_group, pick_device
 from mtdist.ema import Teacher, check_synchronized, flatten_parameters_
 from mtdist.engine import build_engine, init_distributed
 from mtdist.evaluate import evaluate
@@ -89,30 +90,68 @@ def build_teacher(cfg: Config, student: nn.Module, device: torch.device) -> Teac
         torch.manual_seed(cfg.seed + 1)  # the same independent init on every rank
         return build_student(cfg)
 
-    teacher = Teacher.from_student(
-        student,
+    return Teacher.from_student(
+        student,  # already placed: a copy keeps its device and memory layout
         mt.teacher_init,
-        fresh,
+        lambda: place_model(fresh(), cfg, device),
         decay=mt.ema_decay,
         autocast_dtype=autocast_dtype(cfg),
         bn_policy=mt.teacher_bn,
     )
-    teacher.module.to(device)
+
+
+def place_model(module: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
+    """On `device`, NHWC on CUDA when model.channels_last (tensor-core convolutions).
+
+    Must run before flatten_parameters_ or Teacher(): both keep the parameters as views of one
+    buffer, and a later .to() would replace the views with fresh tensors the EMA never touches.
+    """
+    module = module.to(device)
     if cfg.model.channels_last and device.type == "cuda":
-        teacher.module.to(memory_format=torch.channels_last)
-    return teacher
+        module = module.to(memory_format=torch.channels_last)
+    return module
 
 
-def build_train_batches(cfg: Config, env: DistEnv, plan: Plan, start_batch: int = 0) -> Iterator:
+def build_models(cfg: Config, plan: Plan, device: torch.device) -> tuple[Any, Teacher | None]:
+    """The student inside its DeepSpeed engine and the EMA teacher (None if supervised-only)."""
+    torch.manual_seed(cfg.seed)  # identical student init on every rank
+    student = place_model(build_student(cfg), cfg, device)
+    flatten_parameters_(student)  # the teacher update becomes one lerp_ over a flat buffer
+    teacher = build_teacher(cfg, student, device) if cfg.mean_teacher.enabled else None
+    engine = build_engine(cfg, student, plan)
+    if cfg.model.compile:
+        compile_models(engine.module, teacher)
+    return engine, teacher
+
+
+def compile_models(student: nn.Module, teacher: Teacher | None) -> None:
+    """torch.compile in place (nn.Module.compile): state_dict keys, checkpoints and the flat buffers
+    stay as they are; the first step pays the compilation."""
+    student.compile()
+    if teacher is not None:
+        teacher.module.compile()
+
+
+def set_backend_flags(device: torch.device) -> None:
+    """cuDNN autotuning: the input shape is fixed for a whole run, so the search pays for itself."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def build_train_batches(
+    cfg: Config, env: DistEnv, plan: Plan, start_batch: int = 0, skipped: dict | None = None
+) -> mtdata.TrainBatches:
+    """The train batches from `start_batch` on; `skipped`: the corrupt samples dropped before it per
+    stream and reader worker (the checkpoint's data position), so the resumed stream is exact."""
     d = cfg.data
-    train_tf, _ = mtdata.make_transforms(d.augment, d.image_size, d.channels, **_augment_kwargs(cfg))
-    unlabeled = mtdata.resolve_shards(d.unlabeled) if plan.unlabeled_per_gpu else []
+    train_tf, _ = make_transforms(cfg, env)
+    unlabeled = shard_urls(cfg, "unlabeled") if plan.unlabeled_per_gpu else []
     # per-shard counts from the index let a resume skip whole shards without reading them
     counts = mtdata.shard_sample_counts(d.labeled) | (
         mtdata.shard_sample_counts(d.unlabeled) if unlabeled else {}
     )
     return mtdata.build_train_loader(
-        mtdata.resolve_shards(d.labeled),
+        shard_urls(cfg, "labeled"),
         unlabeled,
         labeled_per_gpu=plan.labeled_per_gpu,
         unlabeled_per_gpu=plan.unlabeled_per_gpu,
@@ -127,7 +166,22 @@ def build_train_batches(cfg: Config, env: DistEnv, plan: Plan, start_batch: int 
         pin_memory=torch.cuda.is_available(),
         start_batch=start_batch,
         sample_counts=counts,
+        skipped=skipped,
+        num_classes=d.num_classes,
+        error_bound=error_bound(cfg),
     )
+
+
+def error_bound(cfg: Config) -> mtdata.ErrorBound:
+    return mtdata.ErrorBound(cfg.data.max_error_fraction, cfg.data.error_fraction_min_samples)
+
+
+def make_transforms(cfg: Config, env: DistEnv) -> tuple[mtdata.Transform, mtdata.Transform]:
+    """(train, eval) transforms. Batched ones finish each batch on this rank's device (ImageNet: the
+    pinned uint8 batch is copied there and color-jittered and normalized, NHWC if model.channels_last)."""
+    d, device = cfg.data, pick_device(env)
+    where = {"device": device, "channels_last": cfg.model.channels_last and device.type == "cuda"}
+    return mtdata.make_transforms(d.augment, d.image_size, d.channels, **where, **_augment_kwargs(cfg))
 
 
 def _augment_kwargs(cfg: Config) -> dict[str, Any]:
@@ -136,9 +190,9 @@ def _augment_kwargs(cfg: Config) -> dict[str, Any]:
     return {}
 
 
-def eval_batches(cfg: Config, env: DistEnv, spec: str) -> Any:
+def eval_batches(cfg: Config, env: DistEnv, spec: str) -> mtdata.EvalBatches:
     d = cfg.data
-    _, eval_tf = mtdata.make_transforms(d.augment, d.image_size, d.channels, **_augment_kwargs(cfg))
+    _, eval_tf = make_transforms(cfg, env)
     return mtdata.build_eval_loader(
         mtdata.resolve_shards(spec),
         batch_size=d.eval_batch_size_per_gpu,
@@ -146,8 +200,33 @@ def eval_batches(cfg: Config, env: DistEnv, spec: str) -> Any:
         world_size=env.world_size,
         transform=eval_tf,
         channels=d.channels,
-        num_workers=min(d.num_workers, 2),
+        num_workers=eval_workers(cfg),
+        num_classes=d.num_classes,
+        error_bound=error_bound(cfg),
     )
+
+
+def eval_workers(cfg: Config) -> int:
+    return min(cfg.data.num_workers, 2)
+
+
+def check_eval_shards(cfg: Config, env: DistEnv) -> None:
+    """Val and test shards exist and split over the eval readers: said now, not at the first evaluation."""
+    for key in ("val", "test"):
+        if getattr(cfg.data, key):
+            urls = shard_urls(cfg, key)
+            try:
+                mtdata.check_readers(len(urls), env.world_size, eval_workers(cfg))
+            except ValueError as exc:
+                raise ConfigError(f"data.{key}: {exc}") from None
+
+
+def shard_urls(cfg: Config, key: str) -> list[str]:
+    """The shards of `data.<key>`; a bad spec or a missing shard is a config error naming the key."""
+    try:
+        return mtdata.resolve_shards(getattr(cfg.data, key))
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"data.{key}: {exc}") from None
 
 
 def set_cpu_threads(device: torch.device) -> None:
@@ -162,39 +241,38 @@ def build_run(cfg: Config, exact_resume: bool = True) -> Run:
     device = init_process_group(env, cfg.deepspeed.backend)
     init_distributed("nccl" if device.type == "cuda" else "gloo")
     set_cpu_threads(device)
+    set_backend_flags(device)
     run_dir = Path(cfg.logging.run_dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     plan = make_plan(cfg, env.world_size, *dataset_sizes(cfg))
-    torch.manual_seed(cfg.seed)  # identical student init on every rank
-    student = build_student(cfg).to(device)
-    if cfg.model.channels_last and device.type == "cuda":
-        student = student.to(memory_format=torch.channels_last)
-    flatten_parameters_(student)  # the teacher update becomes one lerp_ over a flat buffer
-    teacher = build_teacher(cfg, student, device) if cfg.mean_teacher.enabled else None
-    engine = build_engine(cfg, student, plan)
+    engine, teacher = build_models(cfg, plan, device)
     torch.manual_seed(cfg.seed * 1_000_003 + env.rank)  # dropout differs per rank, as its data does
-    state = resume(cfg, env, engine, teacher, run_dir / "checkpoints", exact_resume)
+    state, data_position = resume(cfg, env, engine, teacher, run_dir / "checkpoints", exact_resume)
     metrics = MetricsLogger(run_dir, env.is_main)
     metrics.start_wandb(
         cfg.logging.wandb, cfg.logging.wandb_project, state.wandb_run_id, to_dict(cfg), run_dir
     )
     torch_dist.barrier()
-    batches = build_train_batches(cfg, env, plan, start_batch=state.step * cfg.deepspeed.grad_accum_steps)
+    check_eval_shards(cfg, env)
+    batches = build_train_batches(
+        cfg, env, plan, state.step * cfg.deepspeed.grad_accum_steps, data_position.get("skipped")
+    )
     return Run(cfg, env, device, plan, engine, teacher, batches, run_dir, metrics, state)
 
 
 def resume(
     cfg: Config, env: DistEnv, engine: Any, teacher: Teacher | None, root: Path, exact: bool = True
-) -> TrainState:
+) -> tuple[TrainState, dict]:
     """Load the checkpoint that checkpoint.resume selects, or start fresh with a new W&B run id.
 
-    exact=False (evaluation only) allows another world size and loader layout.
+    Returns the train state and this rank's data position (TrainBatches.state_dict; {} when fresh).
+    exact=False (evaluation only) allows another world size and loader layout, and ignores the position.
     """
     folder = checkpoint.find_resume(cfg, root)
     if folder is None:
-        return TrainState(step=0, wandb_run_id=new_run_id())
+        return TrainState(step=0, wandb_run_id=new_run_id()), {}
     meta = checkpoint.read_meta(folder)
     current = checkpoint.signature(cfg, env.world_size)
     if not exact:
@@ -210,7 +288,7 @@ def resume(
     state = TrainState()
     state.load_state_dict(meta["train_state"])
     log.info("resumed from %s at step %d", folder, state.step)
-    return state
+    return state, rank_state.get("data", {}) if exact else {}
 
 
 def save_checkpoint(run: Run) -> Path:
@@ -221,6 +299,7 @@ def save_checkpoint(run: Run) -> Path:
         "teacher": run.teacher.state_dict() if run.teacher is not None else {},
         "student_buffers": dict(run.engine.module.named_buffers()),
         "rng": checkpoint.rng_state(),
+        "data": run.train_batches.state_dict(run.state.step * run.cfg.deepspeed.grad_accum_steps),
     }
     meta = checkpoint.make_meta(run.cfg, run.state, run.env.world_size)
     return checkpoint.save(
@@ -278,9 +357,12 @@ def evaluate_both(run: Run, spec: str, step: int, prefix: str) -> dict[str, floa
         check_synchronized(run.teacher, step)
         models["teacher"] = run.teacher.module
     for name, model in models.items():
-        res = evaluate(model, eval_batches(run.cfg, run.env, spec), run.device, run.autocast_dtype, cl)
+        batches = eval_batches(run.cfg, run.env, spec)
+        res = evaluate(model, batches, run.device, run.autocast_dtype, cl)
         out |= {f"{prefix}/{name}/top1": res["top1"], f"{prefix}/{name}/top5": res["top5"]}
         out[f"{prefix}/count"] = res["count"]
+    # corrupt samples dropped in one pass (the same in each), summed over ranks
+    out[f"{prefix}/data_errors"] = sum_over_ranks([batches.errors], run.device)[0]
     return out
 
 
@@ -293,7 +375,9 @@ def log_step(run: Run, step: int, window: Window, bar: tqdm) -> None:
         "train/epoch": plan.epoch(step),
         "train/consistency_weight": loss_weights(cfg, plan.epoch(step - 1)).consistency_weight,
         "data/images_per_s": images_per_s,
+        **data_error_metrics(run, step),
         "system/world_size": run.env.world_size,
+        **system_metrics(run.device, elapsed * cfg.deepspeed.grad_accum_steps / window.count),
     }
     if run.teacher is None:
         del row["train/consistency_weight"]
@@ -302,6 +386,42 @@ def log_step(run: Run, step: int, window: Window, bar: tqdm) -> None:
         row["train/teacher_updates"] = run.teacher.updates
     run.metrics.log(step, row)
     bar.set_postfix(loss=f"{row['loss/total']:.3f}", img_s=f"{images_per_s:.0f}")
+
+
+def system_metrics(device: torch.device, step_time_s: float) -> dict[str, float]:
+    """This rank's (rank 0 logs them): wall seconds per optimizer step since the last log line, resident
+    memory, and on CUDA the peak memory allocated by tensors."""
+    row = {"system/step_time_s": step_time_s, "system/rss_gb": resident_bytes() / 2**30}
+    if device.type == "cuda":
+        row["system/cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return row
+
+
+def resident_bytes() -> int:
+    """The process's resident set size now (Linux /proc); elsewhere its peak (getrusage)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def data_error_metrics(run: Run, step: int) -> dict[str, float]:
+    """Corrupt samples dropped, summed over ranks: in this log interval, since the run's start, and as a
+    fraction of all raw samples read for the batches consumed (the bound itself is per reader)."""
+    counts = run.train_batches.report(step * run.cfg.deepspeed.grad_accum_steps)
+    values = [counts.errors, counts.errors_total, counts.samples_total]
+    errors, total, samples = sum_over_ranks(values, run.device)
+    return {"data/errors": errors, "data/errors_total": total, "data/error_fraction": total / max(samples, 1)}
+
+
+def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    summed = torch.tensor(values, dtype=torch.float64, device=device)  # nccl needs a device tensor
+    if torch_dist.is_initialized():
+        torch_dist.all_reduce(summed)
+    return summed.tolist()
 
 
 def eval_due(cfg: Config, plan: Plan, step: int) -> bool:
@@ -334,15 +454,24 @@ def train_loop(run: Run, stop: StopSignal | None = None) -> None:
         if done % cfg.logging.log_interval_steps == 0 or done == plan.total_steps:
             log_step(run, done, window, bar)
             window = Window()
+        new_best = False
         if eval_due(cfg, plan, done):
-            run.metrics.log(done, evaluate_both(run, cfg.data.val, done, "eval"))
+            scores = evaluate_both(run, cfg.data.val, done, "eval")
+            run.metrics.log(done, scores)
+            new_best = cfg.checkpoint.keep_best and run.state.note_eval(best_top1(scores), done)
         if stop is not None and stop.requested(run.device):
             save_checkpoint(run)
             bar.close()
             stop.hand_over()  # raises Preempted (or submitit requeues and exits)
-        if cfg.checkpoint.interval_steps and done % cfg.checkpoint.interval_steps == 0:
-            save_checkpoint(run)
+        if new_best or (cfg.checkpoint.interval_steps and done % cfg.checkpoint.interval_steps == 0):
+            save_checkpoint(run)  # a new best is saved now, whatever the interval (checkpoint.keep_best)
     bar.close()
+
+
+def best_top1(scores: dict[str, float]) -> float:
+    """What checkpoint.keep_best ranks by: the teacher's top-1 (the student's when there is no teacher).
+    Reduced across ranks, so every rank takes the same decision and saves together."""
+    return scores.get("eval/teacher/top1", scores["eval/student/top1"])
 
 
 def final_results(run: Run) -> dict[str, float]:

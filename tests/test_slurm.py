@@ -3,13 +3,17 @@
 The cluster comes from tests/slurm_fixtures.py (started once per session). Every job writes into a
 fresh folder under tmp_path. The teacher-identical-on-every-rank check is mtdist's own: every
 evaluation hashes the teacher on all ranks and raises on a mismatch, so a completed job with
-evaluations at steps 2 and 4 passed it.
+evaluations every 2 steps passed it. One uninterrupted 2-node job (the module fixture) is the
+reference that the interrupted jobs (a preemption signal, a time limit, the sbatch script) must
+end equal to, bitwise.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from checkpoint_state import assert_bitwise_equal, final_state
 from conftest import ROOT, TINY, shard_overrides
 
 from launch.job import requeue_signal
@@ -74,28 +79,54 @@ def job_id_of(stdout: str) -> str:
     return match.group(1)
 
 
-@pytest.mark.parametrize("tasks_per_node", [1, 2])
-def test_launch_trains_on_two_nodes(slurm_cluster, mnist_shards, tmp_path, tasks_per_node):
+@pytest.fixture(scope="module")
+def uninterrupted(slurm_cluster, mnist_shards, tmp_path_factory) -> Path:
+    """An uninterrupted job of SIGNAL_STEPS steps on 2 nodes x 1 task: the 1-task launch test checks
+    it, and every interrupted job of the same shape must end with its weights."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    args = [*train_overrides(mnist_shards, run_dir, max_steps=SIGNAL_STEPS), *cluster_overrides(1)]
+    check_launched(launch([*args, "--wait"], slurm_cluster), args, run_dir, 1, slurm_cluster)
+    check_trained(run_dir, world_size=2, max_steps=SIGNAL_STEPS)
+    return run_dir
+
+
+def test_launch_trains_on_two_nodes_one_task_each(uninterrupted):
+    assert final_state(uninterrupted, SIGNAL_STEPS, world_size=2)  # checked by the fixture
+
+
+def test_launch_trains_on_two_nodes_two_tasks_each(slurm_cluster, mnist_shards, tmp_path):
     run_dir = tmp_path / "run"
-    args = [*train_overrides(mnist_shards, run_dir), *cluster_overrides(tasks_per_node)]
-    proc = launch([*args, "--wait"], slurm_cluster)
+    args = [*train_overrides(mnist_shards, run_dir), *cluster_overrides(2)]
+    check_launched(launch([*args, "--wait"], slurm_cluster), args, run_dir, 2, slurm_cluster)
+    check_trained(run_dir, world_size=4)
+
+
+def check_launched(
+    proc: subprocess.CompletedProcess,
+    args: list[str],
+    run_dir: Path,
+    tasks_per_node: int,
+    cluster: SlurmCluster,
+) -> None:
+    """What launch.submit --wait prints, where the job ran, and that --dry-run shows what was submitted."""
     assert proc.returncode == 0, proc.stdout + proc.stderr[-5000:]
     job_id = job_id_of(proc.stdout)
     assert f"stdout: {run_dir / 'slurm' / job_id}_0_log.out" in proc.stdout
     assert f"stderr: {run_dir / 'slurm' / job_id}_0_log.err" in proc.stdout
     assert f"run folder: {run_dir}" in proc.stdout
     assert f"job {job_id} completed: {2 * tasks_per_node} task(s)" in proc.stdout
-    check_trained(run_dir, world_size=2 * tasks_per_node)
     sacct = ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "NodeList"]
     assert subprocess.run(sacct, capture_output=True, text=True).stdout.split() == ["node[1-2]"]
-    # what --dry-run prints is exactly what was submitted
-    dry = launch([*args, "--dry-run"], slurm_cluster)
+    dry = launch([*args, "--dry-run"], cluster)
     assert dry.stdout == (run_dir / "slurm" / f"{job_id}_submission.sh").read_text() + "\n"
 
 
-def test_sbatch_script_trains_and_requeues_itself_after_a_signal(slurm_cluster, mnist_shards, tmp_path):
+def test_sbatch_script_trains_and_requeues_itself_after_a_signal(
+    slurm_cluster, mnist_shards, tmp_path, uninterrupted
+):
     """slurm/train.sbatch on 2 nodes; Slurm's pre-time-limit SIGUSR1 mid-run: the tasks checkpoint and
-    exit 75, the script requeues the job, the restarted job resumes and completes."""
+    exit 75, the script requeues the job, the restarted job resumes and completes, with the weights of
+    the uninterrupted job."""
     run_dir = tmp_path / "run"
     cmd = [
         "sbatch",
@@ -119,12 +150,16 @@ def test_sbatch_script_trains_and_requeues_itself_after_a_signal(slurm_cluster, 
     assert f"mtdist: checkpointed after a signal; requeueing job {job_id}" in log
     assert f"mtdist: job {job_id} (restart 1) on node[1-2]" in log and "resumed from " in log
     check_trained(run_dir, world_size=2, max_steps=SIGNAL_STEPS)
+    assert_bitwise_equal(final_state(run_dir, SIGNAL_STEPS, 2), final_state(uninterrupted, SIGNAL_STEPS, 2))
 
 
-def test_submitit_signal_checkpoints_requeues_and_resumes(slurm_cluster, mnist_shards, tmp_path):
-    """Slurm's pre-time-limit signal (submitit's USR2, what job._interrupt() sends) mid-run: every rank
-    checkpoints at the step boundary, submitit calls TrainJob.checkpoint() and requeues, and the
-    restarted job (resume=auto, although submitted with never) continues from the checkpoint."""
+def test_submitit_signal_checkpoints_requeues_and_resumes(
+    slurm_cluster, mnist_shards, tmp_path, uninterrupted
+):
+    """Slurm's signal before a preemption or the time limit (submitit's USR2, what job._interrupt() sends)
+    mid-run: every rank checkpoints at the step boundary, submitit calls TrainJob.checkpoint() and
+    requeues, and the restarted job (resume=auto, although submitted with never) continues from the
+    checkpoint and ends with the uninterrupted job's student, optimizer and teacher, bitwise."""
     run_dir = tmp_path / "run"
     overrides = [*train_overrides(mnist_shards, run_dir, max_steps=SIGNAL_STEPS), "checkpoint.resume=never"]
     proc = launch([*overrides, *cluster_overrides(1)], slurm_cluster)
@@ -137,19 +172,104 @@ def test_submitit_signal_checkpoints_requeues_and_resumes(slurm_cluster, mnist_s
     assert _submitted(run_dir, job_id).function.cfg.checkpoint.resume == "auto"
     assert "resumed from " in rank0_log.read_text()
     check_trained(run_dir, world_size=2, max_steps=SIGNAL_STEPS)
+    assert_bitwise_equal(final_state(run_dir, SIGNAL_STEPS, 2), final_state(uninterrupted, SIGNAL_STEPS, 2))
+
+
+def test_time_limit_requeues_the_job_and_it_completes(slurm_cluster, mnist_shards, tmp_path, uninterrupted):
+    """A 1-minute job that cannot finish in time: Slurm itself sends USR2 cluster.signal_delay_s before
+    the limit (slurmctld looks every 30 s, so 20-50 s after the start), every rank checkpoints, submitit
+    requeues the job as timed out, and the requeued job resumes and completes with the uninterrupted
+    job's weights. The test sends no signal: it only holds the training processes stopped (SIGSTOP)
+    until Slurm's signal is pending, as if the steps were that slow, so no machine is fast enough to
+    finish in the first allocation."""
+    run_dir = tmp_path / "run"
+    overrides = [
+        *train_overrides(mnist_shards, run_dir, max_steps=SIGNAL_STEPS),
+        *cluster_overrides(1, time_minutes=1, signal_delay_s=10),
+    ]
+    proc = launch(overrides, slurm_cluster)
+    assert proc.returncode == 0, proc.stderr
+    job_id = job_id_of(proc.stdout)
+    rank0_log = run_dir / "slurm" / f"{job_id}_0_log.err"
+    assert "#SBATCH --signal=USR2@10" in (run_dir / "slurm" / f"{job_id}_submission.sh").read_text()
+    wait_until_training(slurm_cluster, run_dir, job_id, rank0_log)
+    hold_until_signalled(task_pids(run_dir / "slurm"), signal.SIGUSR2)
+    assert slurm_cluster.wait(job_id, JOB_TIMEOUT_S) == "COMPLETED", rank0_log.read_text()[-5000:]
+    states = slurm_cluster.states(job_id)  # one requeue; a second only if Slurm signalled before training
+    assert states[-1] == "COMPLETED" and set(states[:-1]) == {"REQUEUED"}, states
+    log = rank0_log.read_text()
+    assert re.search(r"Caught signal SIGUSR2 on \S+: this job is timed-out\.", log), log[-5000:]
+    assert "resumed from " in log
+    check_trained(run_dir, world_size=2, max_steps=SIGNAL_STEPS)
+    assert_bitwise_equal(final_state(run_dir, SIGNAL_STEPS, 2), final_state(uninterrupted, SIGNAL_STEPS, 2))
+
+
+def task_pids(log_folder: Path) -> list[int]:
+    """The job's task processes on this machine: python -u -m submitit.core._submit LOG_FOLDER."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().decode().split("\0")[:-1]
+        except OSError:  # the process ended meanwhile
+            continue
+        task = (
+            len(argv) > 3 and Path(argv[0]).name.startswith("python") and argv[-2] == "submitit.core._submit"
+        )
+        if task and Path(argv[-1]).resolve() == log_folder.resolve():
+            pids.append(int(cmdline.parent.name))
+    assert pids, f"no task of {log_folder} running"
+    return pids
+
+
+def hold_until_signalled(pids: list[int], sig: signal.Signals, timeout_s: float = 120) -> None:
+    """SIGSTOP the processes, wait until `sig` is pending for each (or it ended), SIGCONT them."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not all(_pending(pid, sig) for pid in pids):
+            assert time.monotonic() < deadline, f"no {sig.name} from Slurm within {timeout_s}s"
+            time.sleep(0.2)
+    finally:
+        for pid in pids:
+            _signal_if_alive(pid, signal.SIGCONT)
+
+
+def _pending(pid: int, sig: signal.Signals) -> bool:
+    """True if `sig` waits for delivery to the process (or the process is gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    masks = [
+        int(line.split()[1], 16) for line in status.splitlines() if line.startswith(("ShdPnd", "SigPnd"))
+    ]
+    return any(mask >> (sig.value - 1) & 1 for mask in masks)
+
+
+def _signal_if_alive(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def interrupt_when_training(
-    cluster: SlurmCluster, run_dir: Path, job_id: str, signal: str, log: Path
+    cluster: SlurmCluster, run_dir: Path, job_id: str, sig_name: str, log: Path
 ) -> None:
     """Signal every task (as Slurm does before the time limit) once the first metrics row exists:
     the loop runs, with most of its steps to go."""
+    wait_until_training(cluster, run_dir, job_id, log)
+    subprocess.run(["scancel", f"--signal={sig_name}", job_id], check=True)
+
+
+def wait_until_training(cluster: SlurmCluster, run_dir: Path, job_id: str, log: Path) -> None:
+    """Until the first metrics row exists (step 2 done)."""
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not (run_dir / "metrics.jsonl").is_file() or not read_metrics(run_dir):
         tail = log.read_text()[-5000:] if log.is_file() else "no log"
         assert cluster.running(job_id) and time.monotonic() < deadline, tail
         time.sleep(0.2)
-    subprocess.run(["scancel", f"--signal={signal}", job_id], check=True)
 
 
 def _submitted(run_dir: Path, job_id: str) -> Any:

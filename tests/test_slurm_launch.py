@@ -80,6 +80,13 @@ def test_dry_run_prints_the_sbatch_script_of_the_cluster_section(tmp_path, capsy
     )
 
 
+def test_signal_delay_before_the_time_limit_comes_from_the_cluster_section(tmp_path, capsys):
+    script = dry_run(
+        ["cluster.time_minutes=1", "cluster.signal_delay_s=10", f"logging.run_dir={tmp_path}"], capsys
+    )
+    assert {"#SBATCH --signal=USR2@10", "#SBATCH --time=1"} <= set(sbatch_lines(script))
+
+
 def test_cpu_only_nodes_ask_for_tasks_and_no_gpus(tmp_path, capsys):
     cpu = [
         "cluster.nodes=2",
@@ -105,6 +112,10 @@ def test_cpu_only_nodes_ask_for_tasks_and_no_gpus(tmp_path, capsys):
         (["cluster.tasks_per_node=two"], "cluster.tasks_per_node: expected int, got str 'two'"),
         (["cluster.gpu_per_node=2"], "unknown key 'cluster.gpu_per_node'"),
         (["cluster.nodes=0"], "cluster.nodes: must be > 0"),
+        (
+            ["cluster.time_minutes=1", "cluster.signal_delay_s=60"],
+            "cluster.signal_delay_s: 60 must be in [0, cluster.time_minutes * 60) (60 s)",
+        ),
     ],
 )
 def test_bad_cluster_config_is_a_one_line_error_before_slurm(overrides, message, capsys):

@@ -15,6 +15,7 @@ from wandb.proto import wandb_internal_pb2
 
 pytestmark = pytest.mark.slow
 BLOCK = 32768  # the .wandb file is a LevelDB-style log: 32 KiB blocks of checksummed records
+API_KEY = "mtdist0test0sentinel0" + "0" * 19  # 40 characters like a real key; must never be printed or saved
 
 
 def read_wandb_records(path: Path) -> list[wandb_internal_pb2.Record]:
@@ -66,14 +67,14 @@ def train(shards: dict[str, str], run_dir: Path, steps: int) -> str:
         "data.labeled_batch_size=8",
         "data.batch_size=16",
     ]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_API_KEY": "", "WANDB_MODE": "offline"}
+    env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_API_KEY": API_KEY, "WANDB_MODE": "offline"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout + proc.stderr
 
 
 def test_offline_run_holds_metrics_and_resume_continues_the_same_run(mnist_shards, tmp_path):
-    train(mnist_shards, tmp_path, steps=4)  # one plain process: rank 0 of 1, no launcher
+    printed = train(mnist_shards, tmp_path, steps=4)  # one plain process: rank 0 of 1, no launcher
     first = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(first) == 1
     run_id = first[0].name.rsplit("-", 1)[1]
@@ -82,6 +83,11 @@ def test_offline_run_holds_metrics_and_resume_continues_the_same_run(mnist_shard
     steps = [r["step"] for r in rows if "loss/total" in r]
     assert steps == [2, 4]
     assert any("val/teacher/top1" in r for r in rows) and all("time" not in r for r in rows)
+    # W&B makes a panel section of each name's first segment: these, plotted against the optimizer step
+    keys = {k for r in rows for k in r}
+    assert {k.split("/")[0] for k in keys if "/" in k} == {"loss", "train", "eval", "data", "system", "val"}
+    assert {"eval/student/top1", "eval/teacher/top1", "data/images_per_s", "data/errors"} <= keys
+    assert {"system/step_time_s", "system/rss_gb", "system/world_size"} <= keys
     logged = {
         i.key: json.loads(i.value_json)
         for r in records
@@ -90,7 +96,7 @@ def test_offline_run_holds_metrics_and_resume_continues_the_same_run(mnist_shard
     }
     assert logged["optim"]["name"] == "sgd" and logged["mean_teacher"]["ema_decay"] == 0.99  # resolved config
 
-    train(mnist_shards, tmp_path, steps=6)  # resumes from the step-4 checkpoint
+    printed += train(mnist_shards, tmp_path, steps=6)  # resumes from the step-4 checkpoint
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and {
         r.name.rsplit("-", 2)[-2] if r.name.endswith("-1") else r.name.rsplit("-", 1)[1] for r in runs
@@ -100,3 +106,7 @@ def test_offline_run_holds_metrics_and_resume_continues_the_same_run(mnist_shard
         r["step"] for r in history(read_wandb_records(next(second.glob("run-*.wandb")))) if "loss/total" in r
     ]
     assert resumed == [6]
+    # the key in the environment (as a user exports it) is neither printed nor written anywhere
+    assert API_KEY not in printed
+    saved = [p for p in tmp_path.rglob("*") if p.is_file() and API_KEY.encode() in p.read_bytes()]
+    assert not saved

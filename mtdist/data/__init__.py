@@ -3,11 +3,13 @@
 webdataset is imported only inside this package.
 """
 
-from .loader import build_eval_loader, build_train_loader
+from .imagenet_folder import SourceError
+from .loader import DataCounts, EvalBatches, TrainBatches, build_eval_loader, build_train_loader
+from .make_shards import MakeShardsOptions, make_shards
 from .packaged import load_digits, load_mnist5k
 from .shards import read_index, resolve_shards, shard_sample_counts, write_array_dataset, write_shards
 from .split import fraction_per_class, split_per_class
-from .stream import ShardStream, check_readers, shard_order
+from .stream import DataError, ErrorBound, ShardStream, check_readers, shard_order
 from .transforms import (
     DigitsAugment,
     ImagenetEvalTransform,
@@ -18,10 +20,17 @@ from .transforms import (
 )
 
 __all__ = [
+    "DataCounts",
+    "DataError",
     "DigitsAugment",
+    "ErrorBound",
+    "EvalBatches",
     "ImagenetEvalTransform",
     "ImagenetTrainAugment",
+    "MakeShardsOptions",
     "ShardStream",
+    "SourceError",
+    "TrainBatches",
     "Transform",
     "build_eval_loader",
     "build_train_loader",
@@ -30,6 +39,7 @@ __all__ = [
     "fraction_per_class",
     "load_digits",
     "load_mnist5k",
+    "make_shards",
     "make_transforms",
     "read_index",
     "resolve_shards",

@@ -1,23 +1,37 @@
-"""DataLoaders over ShardStreams: the endless labeled + unlabeled train batches and the eval pass."""
+"""DataLoaders over ShardStreams: the endless labeled + unlabeled train batches and the eval pass.
+
+Both also count the corrupt samples their streams dropped (see stream.py): each sample carries the
+count its reader dropped just before it, so the counts follow the batches consumed, not the readers'
+read-ahead, and the train batches' position (batches consumed + dropped per reader worker) resumes
+exactly.
+"""
 
 from __future__ import annotations
 
+import atexit
+import bisect
 import logging
+import multiprocessing.util  # its exit hook must be registered before ours (atexit runs last-in first)
 import random
-from collections.abc import Iterator, Mapping
+import signal
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from mtdist.preempt import ignore_stop_signals
+
 from .seeds import counter_seeds, seed_key
-from .stream import ShardStream, check_readers
+from .stream import ErrorBound, ShardStream, check_readers, check_skipped
 from .transforms import Transform
 
 log = logging.getLogger(__name__)
 
 # Stream ids mixed into the seed, so the labeled and unlabeled streams never share random draws.
 LABELED_STREAM, UNLABELED_STREAM, BATCH_AUGMENT_STREAM = 0, 1, 2
+STREAM_NAMES = {LABELED_STREAM: "labeled", UNLABELED_STREAM: "unlabeled"}
 
 
 def stream_seed(seed: int, stream: int) -> int:
@@ -42,7 +56,10 @@ def build_train_loader(
     cache_decoded: bool = False,
     sample_counts: Mapping[str, int] | None = None,
     start_batch: int = 0,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    skipped: Mapping[str, Sequence[int]] | None = None,
+    num_classes: int | None = None,
+    error_bound: ErrorBound | None = None,
+) -> TrainBatches:
     """Endless `(view1 [B, C, H, W], view2, labels [B])` with B = labeled_per_gpu + unlabeled_per_gpu.
 
     The labeled samples come first; unlabeled ones have label -1. `unlabeled_per_gpu == 0` gives
@@ -55,34 +72,143 @@ def build_train_loader(
     built with `start_batch=0` (any num_workers; a checkpoint stores only how many batches were
     consumed). Skipped samples are never decoded; with `sample_counts` (url -> samples, from
     `shard_sample_counts(spec)`) the shards wholly before the start are not even read.
+    With corrupt data the position also needs `skipped`: `state_dict(k)["skipped"]` of the iterator
+    that consumed those k batches (per stream, the samples each reader worker dropped).
+    Labels outside [0, num_classes) are corrupt samples; `error_bound` stops a reader that drops too many.
     """
     if labeled_per_gpu < 1 or unlabeled_per_gpu < 0 or start_batch < 0:
         raise ValueError(
             f"need labeled_per_gpu >= 1, unlabeled_per_gpu >= 0, start_batch >= 0: {labeled_per_gpu}, "
             f"{unlabeled_per_gpu}, {start_batch}"
         )
+    skipped = dict(skipped or {})
     _warn_uncounted(labeled_urls + (unlabeled_urls if unlabeled_per_gpu else []), sample_counts, start_batch)
     batch_transform = transform if getattr(transform, "batched", False) else None
     per_sample = transform.prepare if batch_transform is not None else transform
     common = {"rank": rank, "world_size": world_size, "transform": per_sample, "channels": channels}
     common |= {"views": 2, "infinite": True, "shuffle_buffer": shuffle_buffer, "cache_decoded": cache_decoded}
     common |= {"sample_counts": sample_counts, "start_batch": start_batch}
+    common |= {"num_classes": num_classes, "error_bound": error_bound or ErrorBound(), "report_skipped": True}
     parts = [(labeled_urls, labeled_per_gpu, True, LABELED_STREAM)]
     if unlabeled_per_gpu > 0:
         parts.append((unlabeled_urls, unlabeled_per_gpu, False, UNLABELED_STREAM))
     loaders = []
     for urls, batch_size, labeled, stream in parts:
         check_readers(len(urls), world_size, num_workers)
+        stream_skipped = skipped.get(STREAM_NAMES[stream], ())
+        check_skipped(stream_skipped, num_workers)
         dataset = ShardStream(
-            urls, seed=stream_seed(seed, stream), labeled=labeled, batch_size=batch_size, **common
-        )
+            urls, seed=stream_seed(seed, stream), labeled=labeled, batch_size=batch_size,
+            skipped=stream_skipped, **common,
+        )  # fmt: skip
         # Not pinned here: the cat of the two parts would drop the pinning; the final batch is pinned.
         loaders.append(_loader(dataset, batch_size, num_workers, pin_memory=False, seed=dataset.seed + rank))
-    batches = _zip_batches(loaders, pin=pin_memory and torch.cuda.is_available())
-    if batch_transform is None:
-        return batches
-    key = seed_key(stream_seed(seed, BATCH_AUGMENT_STREAM), rank)
-    return _augment_batches(batches, batch_transform, key, start_batch)
+    names = [STREAM_NAMES[stream] for *_, stream in parts]
+    record = BatchRecord(start_batch, {name: skipped.get(name, ()) for name in names}, num_workers)
+    batches = _zip_batches(loaders, pin=pin_memory and torch.cuda.is_available(), record=record)
+    if batch_transform is not None:
+        key = seed_key(stream_seed(seed, BATCH_AUGMENT_STREAM), rank)
+        batches = _augment_batches(batches, batch_transform, key, start_batch)
+    return TrainBatches(batches, record, labeled_per_gpu + unlabeled_per_gpu, loaders)
+
+
+@dataclass(frozen=True)
+class DataCounts:
+    """A rank's corrupt-sample counts at some consumed batch (see TrainBatches.report)."""
+
+    errors: int  # samples dropped since the previous report
+    errors_total: int  # since the run's start (restored on resume)
+    samples_total: int  # raw samples behind the batches consumed: usable ones + dropped ones
+
+
+class BatchRecord:
+    """What the main process learns from the batches as they are zipped: per stream and reader worker,
+    the samples dropped before each batch boundary, and the keys of the last batch (tests, debugging).
+
+    Counts are kept as marks (batches zipped, counts) only where they changed, and a query may name any
+    batch from the last one asked about on: exact while the iterator runs ahead of what the loop has
+    consumed (a prefetching wrapper), with memory bounded by the batches between two queries.
+    """
+
+    def __init__(self, start_batch: int, skipped: Mapping[str, Sequence[int]], num_workers: int) -> None:
+        self.names, self.workers = list(skipped), max(num_workers, 1)
+        counts = {name: tuple(int(n) for n in (v or [0] * self.workers)) for name, v in skipped.items()}
+        self.marks: list[tuple[int, dict[str, tuple[int, ...]]]] = [(start_batch, counts)]
+        self.zipped = start_batch  # the batches zipped so far, from the stream's start
+        self.keys: list[str] = []
+
+    def add(self, dropped: Mapping[str, int], keys: list[str]) -> None:
+        """Batch `self.zipped`: the samples dropped by each stream's reader worker that made it."""
+        worker, self.zipped, self.keys = self.zipped % self.workers, self.zipped + 1, keys
+        if any(dropped.values()):
+            counts = {name: list(v) for name, v in self.marks[-1][1].items()}
+            for name, n in dropped.items():
+                counts[name][worker] += n
+            self.marks.append((self.zipped, {name: tuple(v) for name, v in counts.items()}))
+
+    def skipped_at(self, batches: int) -> dict[str, list[int]]:
+        """Per stream and reader worker, the samples dropped in the first `batches` batches."""
+        if not self.marks[0][0] <= batches <= self.zipped:
+            raise ValueError(
+                f"batch {batches} is outside {self.marks[0][0]}..{self.zipped}, the batches zipped since "
+                f"the last query; ask about consumed batches, in order"
+            )
+        i = bisect.bisect_right([m[0] for m in self.marks], batches) - 1
+        del self.marks[:i]  # earlier marks are never asked for again
+        return {name: list(v) for name, v in self.marks[0][1].items()}
+
+
+class TrainBatches(Iterator[tuple]):
+    """The train batches (an iterator), and the data position and corrupt-sample counts behind them."""
+
+    def __init__(
+        self, batches: Iterator[tuple], record: BatchRecord, samples_per_batch: int, loaders: list[DataLoader]
+    ) -> None:
+        self.batches, self.record, self.samples_per_batch = batches, record, samples_per_batch
+        self.reported = self._errors(record.marks[0][1])
+        self.loaders = loaders
+
+    def __next__(self) -> tuple:
+        return next(self.batches)
+
+    def close(self) -> None:
+        """Stop the loader workers now (they would stop when the loaders are garbage)."""
+        for loader in self.loaders:
+            shut_down(loader)
+
+    @property
+    def keys(self) -> list[str]:
+        """The sample keys of the batch made last (labeled first), for tests and debugging."""
+        return self.record.keys
+
+    def state_dict(self, batches: int) -> dict:
+        """The data position after `batches` consumed batches (from the stream's start), for a checkpoint:
+        resume with build_train_loader(start_batch=state["batches"], skipped=state["skipped"])."""
+        return {"batches": batches, "skipped": self.record.skipped_at(batches)}
+
+    def report(self, batches: int) -> DataCounts:
+        """This rank's counts after `batches` consumed batches; `errors` counts since the last report."""
+        total = self._errors(self.record.skipped_at(batches))
+        errors, self.reported = total - self.reported, total
+        return DataCounts(errors, total, total + batches * self.samples_per_batch)
+
+    @staticmethod
+    def _errors(skipped: Mapping[str, Sequence[int]]) -> int:
+        return sum(sum(v) for v in skipped.values())
+
+
+class EvalBatches:
+    """`(x, labels, keys)` batches of one pass per iteration; `errors`: the samples dropped in the last."""
+
+    def __init__(self, loader: DataLoader, finish: Transform | None = None) -> None:
+        self.loader, self.errors, self.finish = loader, 0, finish
+
+    def __iter__(self) -> Iterator[tuple]:
+        self.errors = 0
+        for *batch, dropped in self.loader:
+            self.errors += int(dropped.sum())
+            # a batched transform's second half, on the whole batch (e.g. normalization on the device)
+            yield tuple(batch) if self.finish is None else (self.finish(batch[0]), *batch[1:])
 
 
 def _warn_uncounted(urls: list[str], sample_counts: Mapping[str, int] | None, start_batch: int) -> None:
@@ -104,14 +230,21 @@ def build_eval_loader(
     transform: Transform,
     channels: int,
     num_workers: int,
-) -> DataLoader:
-    """One pass over `urls`: each sample exactly once over all ranks and workers; yields (x, labels, keys)."""
+    num_classes: int | None = None,
+    error_bound: ErrorBound | None = None,
+) -> EvalBatches:
+    """One pass over `urls`: each usable sample exactly once over all ranks and workers; yields (x, labels,
+    keys), and counts the corrupt samples dropped (`errors`)."""
     check_readers(len(urls), world_size, num_workers)
+    batched = getattr(transform, "batched", False)  # as in build_train_loader: prepare per sample
     dataset = ShardStream(
-        urls, rank=rank, world_size=world_size, seed=0, transform=transform, channels=channels,
-        views=1, labeled=True, infinite=False,
+        urls, rank=rank, world_size=world_size, seed=0, channels=channels,
+        transform=transform.prepare if batched else transform,
+        views=1, labeled=True, infinite=False, num_classes=num_classes,
+        error_bound=error_bound or ErrorBound(), report_skipped=True,
     )  # fmt: skip
-    return _loader(dataset, batch_size, num_workers, pin_memory=False, seed=rank, drop_last=False)
+    loader = _loader(dataset, batch_size, num_workers, pin_memory=False, seed=rank, drop_last=False)
+    return EvalBatches(loader, transform if batched else None)
 
 
 def _loader(
@@ -141,13 +274,41 @@ def _seed_worker_globals(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+    ignore_stop_signals()  # Slurm's stop signals reach workers too: the main process acts on them
+
+
+def shut_down(loader: DataLoader) -> None:
+    """Stop a loader's workers now. After a worker raised, the loader's iterator sits in a reference
+    cycle with the traceback, and its shutdown from the garbage collector waits 5 s per worker for
+    workers that never got the stop message (torch 2.13)."""
+    iterator = getattr(loader, "_iterator", None)  # persistent workers: the loader keeps its iterator
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+
+
+def _kill_workers_at_exit() -> None:
+    """Kill the daemonic children (loader workers) still alive when this process exits.
+
+    Workers ignore SIGTERM (above), and after a worker raised (a DataError) torch's shutdown leaves
+    them running; multiprocessing's own exit hook would send them SIGTERM and then join them forever,
+    so a run stopped by an error would never exit. Daemonic children are ended at exit anyway.
+    """
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kill as a failure
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+atexit.register(_kill_workers_at_exit)
 
 
 def _zip_batches(
-    loaders: list[DataLoader], pin: bool
+    loaders: list[DataLoader], pin: bool, record: BatchRecord
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     for batches in zip(*loaders, strict=False):
-        # Each batch is (view1, view2, labels, keys); keys are only for tests and debugging.
+        # Each batch is (view1, view2, labels, keys, dropped): the record takes the last two.
+        dropped = {name: int(batch[-1].sum()) for name, batch in zip(record.names, batches, strict=True)}
+        record.add(dropped, [key for batch in batches for key in batch[-2]])
         yield tuple(_cat([batch[i] for batch in batches], pin) for i in range(3))
 
 

@@ -12,25 +12,83 @@ worker, epoch, the sample's index in the reader's epoch). Skipping n samples the
 whole shards by their sample counts (from the shard index, else counted by reading the tar once),
 reads the rest of the shard up to the block holding sample n without decoding it, and drops the
 block's samples before n, again without decoding them.
+
+Corrupt data never shifts these raw positions. A sample whose image does not decode or whose label is
+missing or outside [0, num_classes) keeps its place in its block and is dropped only when its turn
+comes. A tar that breaks off (truncated, garbage, 0 bytes, no members) keeps the place of what it lost:
+placeholder "lost" samples up to its index count (one placeholder where no count is known), each
+dropped in its turn. So the raw sample sequence of a reader is a function of the shards alone, and a
+position in it is exact whatever was corrupt. Each yielded sample can carry (`report_skipped`) the
+count of raw samples its reader dropped since the sample before it; the main process adds these up
+per reader worker (the batches of loader worker w are the ones with index % W == w), and a resumed
+stream skips `yielded + dropped` raw samples of its reader: yielded = its batches consumed x
+batch_size, dropped = that sum, stored in the checkpoint. Dropped samples are counted per reader from
+the run's start (restored on resume), every one a logged or summarized error, and a reader stops the
+run with a DataError naming the shard once its dropped fraction passes the ErrorBound (judged after
+`min_samples` raw samples), or when a whole epoch of its shards yields no usable sample (never a
+silent spin over bad shards).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
+import tarfile
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import webdataset
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .seeds import AUGMENT_TAG, SHUFFLE_TAG, counter_seeds, seed_key
 from .shards import IMAGE_EXTENSIONS
 from .transforms import Transform, decode_image
 
+log = logging.getLogger(__name__)
+
 # Without shuffling the block size changes nothing seen; it only bounds the samples held at once.
 _UNSHUFFLED_BLOCK = 64
+# What decoding, transforming or labelling one corrupt sample raises (Pillow's UnidentifiedImageError
+# and "image file is truncated" are OSErrors); anything else is a bug and propagates.
+SAMPLE_ERRORS = (OSError, EOFError, ValueError, Image.DecompressionBombError)
+# What webdataset's tar reader raises on a broken tar (it re-raises tarfile's errors with the stream
+# appended to the message; duplicate member names are a ValueError). Opening a missing file or a
+# failing pipe: command are not among them; those stop the run.
+_TAR_ERRORS = (tarfile.TarError, EOFError, zlib.error, ValueError)
+# Corrupt samples logged one line each per reader; later ones go into the reader's epoch summary.
+_LOGGED_PER_READER = 5
+
+
+class DataError(ValueError):
+    """Corrupt data past the configured bound, or shards with nothing usable; the message names the shard."""
+
+
+class CorruptShardError(DataError):
+    """A tar shard that breaks off mid-way (truncated, garbage, 0 bytes)."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"shard {url} is corrupt: {reason}")
+        self.url, self.reason = url, reason
+
+
+@dataclass(frozen=True)
+class ErrorBound:
+    """How many corrupt samples a reader may drop: `max_fraction` of its raw samples since the run's
+    start, judged once it has read `min_samples` (so the first bad sample does not stop a run)."""
+
+    max_fraction: float = 0.01
+    min_samples: int = 1000
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_fraction <= 1.0 or self.min_samples < 0:
+            raise ValueError(
+                f"need max_fraction in [0, 1] and min_samples >= 0: {self.max_fraction}, {self.min_samples}"
+            )
 
 
 def shard_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
@@ -73,6 +131,62 @@ def resume_worker(start_batch: int, worker: int, num_workers: int) -> tuple[int,
     return reader_worker, max(0, -((reader_worker - start_batch) // workers))
 
 
+class _Tally:
+    """One reader's raw and dropped samples since the run's start, its error log and its bound.
+
+    The first few corrupt samples are logged one line each, later ones in a summary per epoch.
+    `pending` holds the samples dropped since the last yielded one (what that yielded sample reports).
+    """
+
+    def __init__(self, reader: str, bound: ErrorBound, raw: int, errors: int) -> None:
+        self.reader, self.bound, self.raw, self.errors = reader, bound, raw, errors
+        self.pending = self.epoch_errors = self.logged = 0
+        self.last = ""  # the last error: shard, key and reason
+
+    def good(self) -> None:
+        self.raw += 1
+        self._check()
+
+    def error(self, url: str, key: str, reason: str, log_it: bool = True) -> None:
+        self.raw += 1
+        self.errors += 1
+        self.pending += 1
+        self.epoch_errors += 1
+        self.last = f"shard {url}, sample {key!r}: {reason}"
+        if log_it and self.logged < _LOGGED_PER_READER:
+            self.logged += 1
+            log.warning("%s skipped a corrupt sample: %s", self.reader, self.last)
+        self._check()
+
+    def take(self) -> int:
+        taken, self.pending = self.pending, 0
+        return taken
+
+    def end_epoch(self, epoch: int, shards: list[str], usable: int, whole: bool) -> None:
+        """Summarize the epoch's errors; a whole epoch without one usable sample is an error, not a spin."""
+        if whole and not usable:
+            raise DataError(
+                f"{self.reader} read no usable sample in epoch {epoch} from its shards {shards} "
+                f"({self.epoch_errors} corrupt samples; last: {self.last or 'none'}); check or rewrite "
+                f"those shards, or spread them over fewer readers (fewer workers)"
+            )
+        if self.epoch_errors:
+            log.warning(
+                "%s skipped %d corrupt samples in epoch %d (%d of %d read since the start; last: %s)",
+                self.reader, self.epoch_errors, epoch, self.errors, self.raw, self.last,
+            )  # fmt: skip
+        self.epoch_errors = 0
+
+    def _check(self) -> None:
+        if self.raw >= self.bound.min_samples and self.errors > self.bound.max_fraction * self.raw:
+            raise DataError(
+                f"{self.reader} skipped {self.errors} corrupt of {self.raw} samples read, a fraction of "
+                f"{self.errors / self.raw:.4f} > data.max_error_fraction {self.bound.max_fraction}; last "
+                f"error: {self.last}. Rewrite or remove that shard, or raise data.max_error_fraction "
+                f"to train on without the lost samples"
+            )
+
+
 class ShardStream(IterableDataset):
     """Samples of tar shards as `(view1, ..., view_k, label, key)` tuples.
 
@@ -91,6 +205,12 @@ class ShardStream(IterableDataset):
     `start_batch`, `batch_size`: a DataLoader reads this stream in batches of `batch_size`; every
     iteration starts at the first sample of the loader's batch `start_batch` (0: the beginning), each
     worker process reading as the worker that made that batch did (see resume_worker).
+
+    Corrupt data (see the module docstring): `num_classes` bounds labels (None: any label >= 0);
+    `error_bound` bounds the fraction dropped; `skipped[w]`: the raw samples that reader worker w
+    dropped before batch `start_batch` (from the loader's state; empty: none); `report_skipped` appends
+    to each sample the count its reader dropped just before it (a finite stream's last sample also
+    carries those after it).
     """
 
     def __init__(
@@ -110,6 +230,10 @@ class ShardStream(IterableDataset):
         sample_counts: Mapping[str, int] | None = None,
         start_batch: int = 0,
         batch_size: int = 1,
+        num_classes: int | None = None,
+        error_bound: ErrorBound = ErrorBound(),
+        skipped: Sequence[int] = (),
+        report_skipped: bool = False,
     ) -> None:
         super().__init__()
         if not urls:
@@ -121,13 +245,17 @@ class ShardStream(IterableDataset):
                 f"need views >= 1, shuffle_buffer >= 0, seed >= 0, start_batch >= 0, batch_size >= 1; got "
                 f"{views}, {shuffle_buffer}, {seed}, {start_batch}, {batch_size}"
             )
+        if (num_classes is not None and num_classes < 1) or any(n < 0 for n in skipped):
+            raise ValueError(f"need num_classes >= 1 and skipped counts >= 0, got {num_classes}, {skipped}")
         self.urls, self.rank, self.world_size, self.seed = list(urls), rank, world_size, seed
         self.transform, self.channels, self.views = transform, channels, views
         self.labeled, self.infinite, self.shuffle_buffer = labeled, infinite, shuffle_buffer
         self.start_batch, self.batch_size = start_batch, batch_size
+        self.num_classes, self.error_bound = num_classes, error_bound
+        self.skipped, self.report_skipped = [int(n) for n in skipped], report_skipped
         self.epoch = 0
         counts = sample_counts or {}
-        # url -> samples: given ones, and (in each reader process) those learned by reading a shard
+        # url -> raw samples: given ones, and (in each reader process) those learned by reading a shard
         self.counts: dict[str, int] = {url: int(counts[url]) for url in self.urls if url in counts}
         # url -> samples of every shard read, images decoded on first use (per reader process)
         self.cache: dict[str, list[dict]] | None = {} if cache_decoded else None
@@ -139,41 +267,56 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple]:
         worker, num_workers = _worker()
         check_readers(len(self.urls), self.world_size, num_workers)
+        check_skipped(self.skipped, num_workers)
         worker, skip_batches = resume_worker(self.start_batch, worker, num_workers)
         reader, num_readers = self.rank + self.world_size * worker, self.world_size * num_workers
-        skip = skip_batches * self.batch_size
-        epoch = self.epoch
+        skipped = self.skipped[worker] if self.skipped else 0
+        name = f"reader {reader} (rank {self.rank}, worker {worker})"
+        # Its raw samples before the start: those yielded in the batches consumed, and those dropped.
+        tally = _Tally(name, self.error_bound, raw=skip_batches * self.batch_size + skipped, errors=skipped)
+        samples = self._reader_samples(reader, num_readers, worker, tally)
+        yield from _with_skipped(samples, tally, self.infinite) if self.report_skipped else samples
+
+    def _reader_samples(self, reader: int, num_readers: int, worker: int, tally: _Tally) -> Iterator[tuple]:
+        skip, epoch = tally.raw, self.epoch
         while True:
             shards = reader_shards(self.urls, self.seed, epoch, reader, num_readers)
             if skip and skip >= (count := self._count(shards)):
+                if not count:  # would pass over empty epochs forever
+                    raise DataError(f"{tally.reader}: its shards {shards} hold no samples (by their counts)")
                 skip -= count  # an epoch wholly before the start: nothing is decoded, nothing read if counted
             else:
-                yield from self._epoch(epoch, worker, shards, skip)
+                yield from self._epoch(epoch, worker, shards, skip, tally)
                 skip = 0
             if not self.infinite:
                 return
             epoch += 1
 
-    def _epoch(self, epoch: int, worker: int, shards: list[str], skip: int) -> Iterator[tuple]:
-        """The reader's samples of the epoch from its `skip`-th on. Shards before the block holding
-        that sample are not read (given their counts); the block's samples before it are not decoded."""
+    def _epoch(self, epoch: int, worker: int, shards: list[str], skip: int, tally: _Tally) -> Iterator[tuple]:
+        """The reader's usable samples of the epoch from its `skip`-th raw sample on. Shards before the
+        block holding that sample are not read (given their counts); the block's samples before it are
+        not decoded."""
         shuffle_key = seed_key(self.seed, self.rank, worker, epoch, SHUFFLE_TAG)
         augment_key = seed_key(self.seed, self.rank, worker, epoch, AUGMENT_TAG)
         size = self.shuffle_buffer if self.shuffle_buffer > 1 else _UNSHUFFLED_BLOCK
         samples = self._samples_from(shards, skip - skip % size)
-        gen = torch.Generator()
+        gen, usable = torch.Generator(), 0
         for block in itertools.count(skip // size):
             chunk = list(itertools.islice(samples, size))
             if not chunk:
-                return
+                break
             first = max(skip - block * size, 0)
             order = self._order(len(chunk), shuffle_key, block, gen)[first:]
-            # The epoch's sample index alone seeds a sample's augmentation, whatever was skipped.
+            # The epoch's raw sample index alone seeds a sample's augmentation, whatever was skipped.
             seeds = counter_seeds(augment_key, block * size + first, len(order)).tolist()
             for i, seed in zip(order, seeds, strict=True):
                 # `chunk` is this block's own list: dropping a sample once used frees its bytes early.
                 sample, chunk[i] = chunk[i], None
-                yield self._views(sample, gen.manual_seed(seed))
+                out = self._checked_views(sample, gen.manual_seed(seed), tally)
+                if out is not None:
+                    usable += 1
+                    yield out
+        tally.end_epoch(epoch, shards, usable, whole=skip == 0)
 
     def _order(self, size: int, key: int, block: int, gen: torch.Generator) -> Sequence[int]:
         if self.shuffle_buffer <= 1:
@@ -193,34 +336,58 @@ class ShardStream(IterableDataset):
             start = 0
 
     def _shard_samples(self, url: str) -> Iterator[dict]:
-        """A shard's raw samples, streamed; with cache_decoded kept once read to the end. Checks the
-        shard's count against the index, and learns it where there is none."""
+        """A shard's raw samples, streamed, then a "lost" placeholder for each sample a broken tar lost;
+        with cache_decoded kept once read to the end. Checks the shard's count against the index, and
+        learns it where there is none."""
         if self.cache is not None and url in self.cache:
             yield from self.cache[url]
             return
-        kept, count = [], 0
-        for sample in read_samples([url]):
-            count += 1
-            if self.cache is not None:
-                kept.append(sample)
-            yield sample
-        expected = self.counts.setdefault(url, count)
-        if count != expected:
+        kept, count, broken = [], 0, ""
+        try:
+            for sample in read_samples([url]):
+                count += 1
+                if self.cache is not None:
+                    kept.append(sample)
+                yield sample
+        except CorruptShardError as exc:
+            broken = exc.reason
+        expected = self.counts.get(url)
+        if expected is not None and count > expected:
             raise ValueError(
                 f"shard {url} has {count} samples but its index says {expected}: the index is stale "
                 f"(a resume would start at the wrong sample); rewrite the shards and index with write_shards"
             )
+        lost = _lost_samples(url, count, expected, broken)
+        kept += lost if self.cache is not None else []
+        yield from lost
+        self.counts.setdefault(url, count + len(lost))  # a learned count includes the placeholder
         if self.cache is not None:
             self.cache[url] = kept
 
     def _count(self, shards: list[str]) -> int:
-        """Samples in the shards: from the counts, else by reading (not decoding) each shard once."""
+        """Raw samples in the shards: from the counts, else by reading (not decoding) each shard once."""
         for url in shards:
             if url not in self.counts:
                 self.counts[url] = sum(1 for _ in self._shard_samples(url))
         return sum(self.counts[url] for url in shards)
 
+    def _checked_views(self, sample: dict, gen: torch.Generator, tally: _Tally) -> tuple | None:
+        """The sample's views, or None (counted, logged) for a corrupt or lost one."""
+        reason = sample.get("__lost__")
+        if reason is None:
+            try:
+                out = self._views(sample, gen)
+            except SAMPLE_ERRORS as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            else:
+                tally.good()
+                return out
+        # A lost sample's shard was logged once when read; its lost samples are in the epoch summary.
+        tally.error(sample.get("__url__", "?"), sample["__key__"], reason, log_it="__lost__" not in sample)
+        return None
+
     def _views(self, sample: dict, gen: torch.Generator) -> tuple:
+        label = self._label(sample)  # first: a bad label costs no decode
         views_from_bytes = getattr(self.transform, "views_from_bytes", None)
         if views_from_bytes is not None and self.cache is None:
             # A transform that decodes for itself (e.g. at a reduced DCT scale fitting every view's crop).
@@ -228,7 +395,7 @@ class ShardStream(IterableDataset):
         else:
             image = self._image(sample)
             views = [self.transform(image, gen) for _ in range(self.views)]
-        return (*views, self._label(sample), sample["__key__"])
+        return (*views, label, sample["__key__"])
 
     def _image(self, sample: dict) -> torch.Tensor:
         image = sample.get("__image__")
@@ -245,27 +412,86 @@ class ShardStream(IterableDataset):
         if not self.labeled:
             return -1
         if "cls" not in sample:
-            raise ValueError(f"sample {sample['__key__']!r} in {sample.get('__url__')} has no 'cls' label")
-        return int(sample["cls"])
+            raise ValueError("no 'cls' label")
+        label = int(sample["cls"])  # bytes such as b"7"; anything else is a ValueError
+        if label < 0 or (self.num_classes is not None and label >= self.num_classes):
+            raise ValueError(f"label {label} is outside [0, {self.num_classes or 'inf'})")
+        return label
+
+
+def check_skipped(skipped: Sequence[int], num_workers: int) -> None:
+    """A resume's per-worker dropped counts must be for this loader's number of workers."""
+    if skipped and len(skipped) != max(num_workers, 1):
+        raise ValueError(
+            f"{len(skipped)} per-worker skipped counts for {max(num_workers, 1)} loader workers: a data "
+            f"position resumes only with the data.num_workers it was saved with"
+        )
+
+
+def _with_skipped(samples: Iterator[tuple], tally: _Tally, infinite: bool) -> Iterator[tuple]:
+    """Each sample with the count its reader dropped just before it. A finite stream holds each sample
+    back until the next one (or the end) is known, so that its last one also carries the samples
+    dropped after it; an endless one carries those into the next epoch."""
+    if infinite:
+        for sample in samples:
+            yield (*sample, tally.take())
+        return
+    held = None
+    for sample in samples:
+        if held is not None:
+            yield held
+        held = (*sample, tally.take())
+    if held is not None:
+        yield (*held[:-1], held[-1] + tally.take())
+
+
+def _lost_samples(url: str, count: int, expected: int | None, broken: str) -> list[dict]:
+    """Placeholders for what a broken shard lost: up to its index count; one where no count is known
+    and the tar broke off or held nothing (the raw count a reader learns includes it)."""
+    if expected is not None:
+        lost = expected - count
+        reason = broken or f"ends after {count} of its {expected} samples"
+    else:
+        lost = 1 if broken or not count else 0
+        reason = broken or "holds no samples (an empty tar)"
+    if broken and not lost:
+        log.warning("shard %s: %s, after all its %d samples were read (none lost)", url, broken, count)
+    if lost:
+        log.warning(
+            "shard %s: %s: %d samples read, %d lost (counted as corrupt samples)", url, reason, count, lost
+        )
+    what = f"lost with the rest of its shard ({reason})"
+    return [{"__key__": f"<lost {count + i + 1}>", "__url__": url, "__lost__": what} for i in range(lost)]
 
 
 def read_samples(shards: list[str]) -> Iterator[dict]:
-    """Raw samples (`{"__key__", "__url__", ext: bytes}`) of the shards, in order."""
+    """Raw samples (`{"__key__", "__url__", ext: bytes}`) of the shards, in order.
+
+    A tar that breaks off raises CorruptShardError after its last whole sample; a file that cannot be
+    opened (or a pipe: command that fails) raises as it is.
+    """
     for url in shards:
         # Opened here rather than by webdataset's url_opener, which leaves every shard's file (or
         # pipe) for the garbage collector; this closes it at the shard's end or when iteration stops.
         with contextlib.closing(webdataset.gopen(url, "rb")) as stream:
             files = webdataset.tariterators.tar_file_expander([{"url": url, "stream": stream}])
-            yield from webdataset.tariterators.group_by_keys(files)
+            try:
+                yield from webdataset.tariterators.group_by_keys(files)
+            except _TAR_ERRORS as exc:
+                raise CorruptShardError(url, _tar_reason(exc)) from exc
+
+
+def _tar_reason(exc: Exception) -> str:
+    # webdataset appends " @ <stream>" to the message and the stream and url to the args.
+    message = str(exc.args[0]).split(" @ ")[0] if exc.args else ""
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 def _image_bytes(sample: dict) -> bytes:
     for ext in IMAGE_EXTENSIONS:
         if ext in sample:
             return sample[ext]
-    raise ValueError(
-        f"sample {sample['__key__']!r} in {sample.get('__url__')} has none of {IMAGE_EXTENSIONS}"
-    )
+    raise ValueError(f"none of {IMAGE_EXTENSIONS} in the sample")
 
 
 def _worker() -> tuple[int, int]:

@@ -299,9 +299,24 @@ def color_jitter(
 
     Factors are drawn uniformly from [max(0, 1 - v), 1 + v] (hue: [-hue, hue]), all before applying.
     """
+    return apply_jitter(x, *draw_jitter(gen, brightness, contrast, saturation, hue))
+
+
+def draw_jitter(
+    gen: torch.Generator, brightness: float, contrast: float, saturation: float, hue: float
+) -> tuple[list[int], list[float]]:
+    """(op order, [brightness, contrast, saturation factors, hue shift]): color_jitter's random draws.
+
+    Separate from applying them so a loader worker can draw them and the device apply them to a batch.
+    """
     order = torch.randperm(4, generator=gen).tolist()
     factors = [_uniform(gen, max(0.0, 1 - v), 1 + v) for v in (brightness, contrast, saturation)]
     factors.append(_uniform(gen, -hue, hue))
+    return order, factors
+
+
+def apply_jitter(x: torch.Tensor, order: Sequence[int], factors: Sequence[float]) -> torch.Tensor:
+    """Apply drawn jitter (see draw_jitter) to float RGB [3, H, W] in [0, 1]: the per-image reference."""
     for op in order:
         if op == 0:
             x = _blend(x, 0.0, factors[0])
@@ -351,12 +366,20 @@ _PRESET_OPTIONS = {"digits": ("shift_px", "noise_std", "mean", "std"), "imagenet
 
 
 def make_transforms(
-    preset: str, image_size: int, channels: int, **options: Any
+    preset: str,
+    image_size: int,
+    channels: int,
+    *,
+    device: torch.device | str | None = None,
+    channels_last: bool = False,
+    **options: Any,
 ) -> tuple[Transform, Transform]:
     """(train augmentation, eval transform) for a named preset: "digits" or "imagenet".
 
     `options` tune the train augmentation (digits: shift_px, noise_std, mean, std; imagenet:
-    rotation_deg, jitter); the eval transform takes only the normalization from them.
+    rotation_deg, jitter); the eval transform takes only the normalization from them. "imagenet" gives
+    the fast pair of data/imagenet_fast.py, whose batched halves run on `device` (None: where the batch
+    is) and return channels_last memory if asked; "digits" ignores both.
     """
     if preset not in _PRESET_OPTIONS:
         raise ValueError(
@@ -371,7 +394,7 @@ def make_transforms(
         return _digits_transforms(image_size, **options)
     if channels != 3:
         raise ValueError(f"preset 'imagenet' needs channels=3, got {channels}")
-    return _imagenet_transforms(image_size, **options)
+    return _imagenet_transforms(image_size, device, channels_last, **options)
 
 
 def _digits_transforms(
@@ -381,6 +404,14 @@ def _digits_transforms(
     return train, DigitsAugment(0, 0.0, mean=mean, std=std, size=size)
 
 
-def _imagenet_transforms(size: int, **options: Any) -> tuple[Transform, Transform]:
+def _imagenet_transforms(
+    size: int, device: torch.device | str | None, channels_last: bool, **options: Any
+) -> tuple[Transform, Transform]:
+    from .imagenet_fast import ImagenetEvalFast, ImagenetTrainFast  # it builds on this module
+
     eval_resize = round(size * 256 / 224)  # the standard 256/224 ratio at any crop size
-    return ImagenetTrainAugment(size=size, **options), ImagenetEvalTransform(resize=eval_resize, crop=size)
+    where = {"device": device, "channels_last": channels_last}
+    return (
+        ImagenetTrainFast(size=size, **options, **where),
+        ImagenetEvalFast(resize=eval_resize, crop=size, **where),
+    )

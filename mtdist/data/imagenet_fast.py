@@ -1,0 +1,487 @@
+"""The ImageNet input path at speed: one reduced-scale JPEG decode for both views, uint8 geometry in
+the loader workers, color jitter and normalization batched on the device.
+
+A naive two-view pipeline decodes every JPEG at full size and then, per view, crops, resizes, jitters
+and normalizes in float on the CPU: 10-15 cores per H100 (issue 3). Here a loader worker
+
+1. reads only the JPEG header for the image size and draws every view's parameters from the sample's
+   generator (the same draws in the same order as ImagenetTrainAugment, so the two compare one to one);
+2. decodes once, at the smallest libjpeg-turbo DCT scale (1/8, 1/4, 1/2 or 1) at which every view's
+   crop still has at least the output resolution, so nothing is upsampled that a full decode would not;
+3. per view, gathers the rotated crop's pixels (nearest, zero outside, as RandomRotation's default) at
+   the decoded resolution, one 32-bit RGBX word per pixel, with the flip folded into the gather, and
+   resizes it in uint8 (antialiased bilinear);
+4. packs the uint8 view and its drawn color-jitter parameters into one flat uint8 tensor (pack_view),
+   so a batch, its pinning and the loader's resume semantics stay those of a plain tensor.
+
+The main process copies the packed batch to the device (non_blocking from pinned memory) and there
+applies each image's color jitter and the normalization, batched (`ImagenetTrainFast.__call__`). The
+batch's augmentation depends only on its samples' own generators, never on earlier batches.
+
+Grayscale JPEGs decode to RGB in libjpeg-turbo; CMYK/YCCK JPEGs, non-JPEG bytes (ImageNet has a PNG
+named .JPEG) and JPEGs simplejpeg is strict about take the full `decode_image` path, also RGB.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .transforms import (
+    _GRAY_WEIGHTS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    _check_rgb,
+    _need,
+    _uniform,
+    decode_image,
+    draw_jitter,
+    random_resized_crop_box,
+    simplejpeg,
+)
+
+# Color jitter parameters packed after a view's pixels: the op order (0 brightness, 1 contrast,
+# 2 saturation, 3 hue) then the brightness, contrast and saturation factors and the hue shift (turns).
+JITTER_SLOTS = 8
+_DCT_EIGHTHS = (1, 2, 4)  # libjpeg-turbo's reduced scales that save time (see dct_scale_eighths)
+
+
+# ---------------------------------------------------------------------------------------------- decode
+def dct_scale_eighths(sides_px: Iterable[int], min_side_px: int) -> int:
+    """The smallest JPEG decode scale, in eighths (1, 2, 4 or 8), that keeps every side >= min_side_px.
+
+    libjpeg-turbo decodes at M/8 of full size for any M, but only 1/8, 1/4 and 1/2 are cheaper than a
+    full decode: 3/8 costs as much as 1/2, and 5/8 to 7/8 more than 8/8 (measured on 500x375 and
+    1000x750 JPEGs). A side of s pixels decodes to at least s * M / 8 (libjpeg rounds up).
+    """
+    sides = list(sides_px)
+    for eighths in _DCT_EIGHTHS:
+        if all(side * eighths >= min_side_px * 8 for side in sides):
+            return eighths
+    return 8
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) of a JPEG that libjpeg-turbo decodes straight to RGB, from its header alone.
+
+    None for everything else, which takes the full decode_image path: non-JPEG bytes, CMYK/YCCK JPEGs
+    (libjpeg-turbo cannot convert them to RGB) and headers simplejpeg cannot read.
+    """
+    if simplejpeg is None or data[:2] != b"\xff\xd8":
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return None if colorspace in ("CMYK", "YCCK") else (height, width)
+
+
+def decode_rgbx(data: bytes, jpeg_hw: tuple[int, int] | None, eighths: int = 8) -> torch.Tensor:
+    """uint8 [h, w, 4] (RGB and a filler byte: one 32-bit word per pixel, for a one-gather crop).
+
+    A JPEG from jpeg_size is decoded at eighths/8 of its size (or a little more); anything else, or a
+    JPEG simplejpeg is strict about (a recoverable corruption Pillow may still read), at full size.
+    """
+    if jpeg_hw is not None:
+        height, width = jpeg_hw
+        min_hw = (math.ceil(height * eighths / 8), math.ceil(width * eighths / 8))
+        try:
+            out = simplejpeg.decode_jpeg(data, colorspace="RGBX", min_height=min_hw[0], min_width=min_hw[1])
+            return torch.from_numpy(out)
+        except ValueError:
+            pass
+    return rgbx_from_chw(decode_image(data, 3))
+
+
+def rgbx_from_chw(image: torch.Tensor) -> torch.Tensor:
+    """uint8 [3, H, W] -> [H, W, 4], the layout the crop gathers from (the 4th byte is zero)."""
+    _check_rgb(image)
+    return F.pad(image.permute(1, 2, 0), (0, 1)).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------- geometry
+def rotated_crop_rgbx(
+    image: torch.Tensor,
+    full_hw: tuple[int, int],
+    angle_deg: float,
+    box: tuple[int, int, int, int],
+    flip: bool = False,
+) -> torch.Tensor:
+    """The box (top, left, h, w), given in full-resolution pixels, of the image rotated by angle_deg
+    (counter-clockwise about its centre), sampled from `image` [h_s, w_s, 4], a decode of the
+    full_hw image at a reduced scale: uint8 [round(h * h_s / H), round(w * w_s / W), 4].
+
+    Nearest neighbour, zero outside the source; at full scale the pixels of transforms.rotated_crop
+    (up to float rounding at pixel edges). `flip` mirrors the output left-right in the same gather.
+    The index maths is numpy's: a few passes over the crop, where torch's per-call overhead on
+    ~20 small tensors would cost as much as the gather itself.
+    """
+    height, width = full_hw
+    src_h, src_w = image.shape[:2]
+    scale_y, scale_x = src_h / height, src_w / width
+    top, left, box_h, box_w = box
+    out_h, out_w = max(1, round(box_h * scale_y)), max(1, round(box_w * scale_x))
+    # Sample centres in full-resolution pixels, relative to the image centre (y down).
+    ys = (np.arange(out_h, dtype=np.float32) + 0.5) * (box_h / out_h) + (top - height / 2)
+    xs = (np.arange(out_w, dtype=np.float32) + 0.5) * (box_w / out_w) + (left - width / 2)
+    if flip:
+        xs = xs[::-1]
+    a = math.radians(angle_deg)
+    cos, sin = math.cos(a), math.sin(a)
+    # Inverse rotation to the source, then to the decoded scale: each a column term and a row term.
+    x_cols, x_rows = xs * (scale_x * cos) + scale_x * width / 2, ys * (scale_x * sin)
+    y_cols, y_rows = xs * (scale_y * sin), ys * (scale_y * cos) + scale_y * height / 2
+    # The samples' bounding box in source pixels, a pixel wider each side against float32 rounding.
+    x0, x1 = math.floor(x_cols.min() - x_rows.max()) - 1, math.floor(x_cols.max() - x_rows.min()) + 1
+    y0, y1 = math.floor(y_cols.min() + y_rows.min()) - 1, math.floor(y_cols.max() + y_rows.max()) + 1
+    words = image.numpy().view(np.int32)[..., 0]  # [h_s, w_s], one 32-bit word per pixel
+    if x0 >= 0 and y0 >= 0 and x1 < src_w and y1 < src_h:
+        source, x0, y0 = words, 0, 0
+    else:  # rotated-in corners: gather from a zero-filled copy of the bounding box instead of masking
+        source = np.zeros((y1 - y0 + 1, x1 - x0 + 1), np.int32)
+        iy0, iy1, ix0, ix1 = max(y0, 0), min(y1 + 1, src_h), max(x0, 0), min(x1 + 1, src_w)
+        if iy0 < iy1 and ix0 < ix1:
+            source[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = words[iy0:iy1, ix0:ix1]
+    # Coordinates relative to (y0, x0) are >= 0, so truncation to int is floor.
+    index = ((y_cols - y0)[None, :] + y_rows[:, None]).astype(np.int32)
+    index *= source.shape[1]
+    index += ((x_cols - x0)[None, :] - x_rows[:, None]).astype(np.int32)
+    out = source.reshape(-1).take(index, mode="clip")  # in range by construction; clip skips the check
+    return torch.from_numpy(out.view(np.uint8).reshape(out_h, out_w, 4))
+
+
+def resize_rgbx(view: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 [h, w, 4] -> uint8 RGB [3, *size]: antialiased bilinear in torch's uint8 kernel."""
+    x = view.permute(2, 0, 1)[None]
+    if tuple(view.shape[:2]) != tuple(size):
+        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return x[0, :3]
+
+
+# ---------------------------------------------------------------------------------------------- packing
+def packed_length(size: int) -> int:
+    """Bytes of one packed view: 3 * size^2 pixels, padded to 4 bytes, then JITTER_SLOTS float32."""
+    return _params_offset(size) + 4 * JITTER_SLOTS
+
+
+def _params_offset(size: int) -> int:
+    return -(-3 * size * size // 4) * 4  # float32-aligned, so the parameters view without a copy
+
+
+def pack_view(pixels: torch.Tensor, order: Sequence[int], factors: Sequence[float]) -> torch.Tensor:
+    """uint8 [3, S, S] and its jitter draws (see transforms.draw_jitter) -> uint8 [packed_length(S)]."""
+    size = pixels.shape[-1]
+    pixel_bytes, offset = 3 * size * size, _params_offset(size)
+    out = torch.empty(packed_length(size), dtype=torch.uint8)
+    out[:pixel_bytes].view(3, size, size).copy_(pixels)
+    out[pixel_bytes:offset] = 0
+    out[offset:].numpy().view(np.float32)[:] = (*order, *factors)  # numpy: no tensor built per view
+    return out
+
+
+def unpack_views(packed: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [B, packed_length(size)] -> (pixels uint8 [B, 3, S, S], jitter float32 [B, JITTER_SLOTS]),
+    both views into `packed` on its device."""
+    if packed.dim() != 2 or packed.dtype != torch.uint8 or packed.shape[1] != packed_length(size):
+        raise ValueError(
+            f"expected packed uint8 views [B, {packed_length(size)}] of size {size} (from "
+            f"ImagenetTrainGeometry), got {packed.dtype} {tuple(packed.shape)}"
+        )
+    pixels = packed[:, : 3 * size * size].unflatten(1, (3, size, size))
+    return pixels, packed[:, _params_offset(size) :].view(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- device
+def color_jitter_batch(x: torch.Tensor, order: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Per-image color jitter of float RGB [B, 3, H, W] in [0, 1] (any device), in place where it can.
+
+    order: [B, 4] op indices, factors: [B, 4], both on the CPU (the index work needs no device sync).
+    Equals transforms.apply_jitter on each image. At each of the 4 positions the brightness, contrast
+    and saturation images take one blend `x * f + target * (1 - f)` (target 0, the mean gray, the gray
+    image; f = 1, the identity, for images whose op there is hue), and the hue images are processed
+    as one sub-batch, so every image pays for each op once.
+    """
+    batch = x.shape[0]
+    order, factors = order.long().cpu(), factors.float().cpu()
+    for position in range(4):
+        op = order[:, position]
+        blend = op < 3
+        if blend.any():
+            f = torch.where(blend, factors.gather(1, op.clamp(max=2)[:, None])[:, 0], 1.0)
+            weights = torch.stack([f, torch.where(op == 1, 1 - f, 0.0), torch.where(op == 2, 1 - f, 0.0)])
+            f_d, contrast_d, saturation_d = weights.to(x.device, non_blocking=True).view(3, batch, 1, 1, 1)
+            target = None
+            if (op == 1).any() or (op == 2).any():
+                gray = _gray_batch(x)
+                target = gray.mul(saturation_d).add_(gray.mean((-2, -1), keepdim=True).mul_(contrast_d))
+            x = x.mul_(f_d)
+            x = (x.add_(target) if target is not None else x).clamp_(0.0, 1.0)
+        hue_rows = (op == 3).nonzero()[:, 0]
+        if len(hue_rows) == batch:
+            x = adjust_hue_batch(x, factors[:, 3].to(x.device, non_blocking=True))
+        elif len(hue_rows):
+            rows = hue_rows.to(x.device, non_blocking=True)
+            shifted = adjust_hue_batch(x.index_select(0, rows), factors[hue_rows, 3].to(x.device))
+            x = x.index_copy_(0, rows, shifted)
+    return x
+
+
+def _gray_batch(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(-3)
+    return (r * _GRAY_WEIGHTS[0]).add_(g, alpha=_GRAY_WEIGHTS[1]).add_(b, alpha=_GRAY_WEIGHTS[2])[:, None]
+
+
+def adjust_hue_batch(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of float RGB [B, 3, H, W] in [0, 1] by shift [B] turns: transforms.adjust_hue's
+    HSV round trip, in fewer passes over the batch.
+
+    With the largest channel c (the first on ties, as rgb_to_hsv) and delta = max - min, the hue in
+    sixths of a turn is 2c + (channel c+1 - channel c+2) / delta; back to RGB, channel n (5 R, 3 G,
+    1 B) is max - delta * clamp(min(k, 4 - k), 0, 1) with k = (n + hue) mod 6, since v * s = delta.
+    """
+    maxc, channel = x.max(dim=-3)
+    delta = maxc - x.amin(dim=-3)
+    following = x.gather(-3, torch.stack([(channel + 1) % 3, (channel + 2) % 3], dim=-3))
+    hue = (following[..., 0, :, :] - following[..., 1, :, :]).div_(delta.clamp_min(1e-12))
+    hue = hue.add_(channel * 2).add_(shift.view(-1, 1, 1) * 6.0).remainder_(6.0)
+    out = torch.empty_like(x)
+    for c, n in enumerate((5.0, 3.0, 1.0)):
+        k = (hue + n).remainder_(6.0)
+        k = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+        torch.sub(maxc, k.mul_(delta), out=out[..., c, :, :])
+    return out
+
+
+def normalize_batch(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """ImageNet mean/std normalization of float RGB [B, 3, H, W] in [0, 1], in place, on x's device."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype).view(1, 3, 1, 1).to(x.device, non_blocking=True)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype).view(1, 3, 1, 1).to(x.device, non_blocking=True)
+    x = x.sub_(mean).div_(std)
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _to_device(x: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    # From pinned memory (the loader pins batches on CUDA machines) the copy is asynchronous.
+    return x if device is None else x.to(device, non_blocking=True)
+
+
+# ---------------------------------------------------------------------------------------------- train
+@dataclass(frozen=True)
+class TrainViewParams:
+    """One view's random draws; the box in full-resolution pixels (top, left, height, width)."""
+
+    angle_deg: float
+    box: tuple[int, int, int, int]
+    flip: bool
+    order: tuple[int, ...]  # color jitter op order, see JITTER_SLOTS
+    factors: tuple[float, ...]  # brightness, contrast, saturation factors, hue shift
+
+
+class ImagenetTrainGeometry:
+    """The loader-worker half of ImagenetTrainFast: bytes -> packed uint8 views (see the module doc).
+
+    `views_from_bytes` is what ShardStream calls (one decode for all views); `__call__` takes an
+    already decoded uint8 [3, H, W] image (the decoded-cache path) and makes one view.
+    """
+
+    def __init__(
+        self,
+        size: int = 224,
+        rotation_deg: float = 10.0,
+        jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    ) -> None:
+        if size < 1 or rotation_deg < 0 or min(jitter) < 0:
+            raise ValueError(
+                f"need size >= 1, rotation_deg >= 0, jitter >= 0; got {size}, {rotation_deg}, {jitter}"
+            )
+        self.size, self.rotation_deg, self.jitter = size, rotation_deg, tuple(jitter)
+        self.scale, self.ratio = tuple(scale), tuple(ratio)
+
+    def draw(self, height: int, width: int, gen: torch.Generator) -> TrainViewParams:
+        """One view's parameters, drawn in ImagenetTrainAugment's order: angle, box, flip, jitter."""
+        angle = _uniform(gen, -self.rotation_deg, self.rotation_deg)
+        box = random_resized_crop_box(height, width, self.scale, self.ratio, gen)
+        flip = torch.rand((), generator=gen).item() < 0.5
+        order, factors = draw_jitter(gen, *self.jitter)
+        return TrainViewParams(angle, box, flip, tuple(order), tuple(factors))
+
+    def views_from_bytes(self, data: bytes, views: int, gen: torch.Generator | None) -> list[torch.Tensor]:
+        """`views` packed views of one image, decoded once at the scale that the largest reduction
+        allowed by every view's crop."""
+        gen = _need(gen)
+        jpeg_hw = jpeg_size(data)
+        if jpeg_hw is None:
+            image = decode_rgbx(data, None)
+            full_hw = (image.shape[0], image.shape[1])
+            params = [self.draw(*full_hw, gen) for _ in range(views)]
+        else:
+            full_hw = jpeg_hw
+            params = [self.draw(*full_hw, gen) for _ in range(views)]
+            eighths = dct_scale_eighths((side for p in params for side in p.box[2:]), self.size)
+            image = decode_rgbx(data, jpeg_hw, eighths)
+        return [self.view(image, full_hw, p) for p in params]
+
+    def __call__(self, image: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        _check_rgb(image)
+        full_hw = (image.shape[1], image.shape[2])
+        return self.view(rgbx_from_chw(image), full_hw, self.draw(*full_hw, _need(gen)))
+
+    def view(self, image: torch.Tensor, full_hw: tuple[int, int], p: TrainViewParams) -> torch.Tensor:
+        """The packed view of `image` (uint8 [h, w, 4], a decode of the full_hw image at any scale)."""
+        crop = rotated_crop_rgbx(image, full_hw, p.angle_deg, p.box, p.flip)
+        return pack_view(resize_rgbx(crop, (self.size, self.size)), p.order, p.factors)
+
+    def __repr__(self) -> str:
+        return (
+            f"ImagenetTrainGeometry(size={self.size}, rotation_deg={self.rotation_deg}, jitter={self.jitter})"
+        )
+
+
+class ImagenetTrainFast:
+    """The paper's ImageNet train augmentation (as ImagenetTrainAugment) on the fast path.
+
+    `batched` protocol (see data/loader.py): `prepare` (an ImagenetTrainGeometry) runs per sample in
+    the loader workers and yields packed uint8 views; `__call__` on a packed batch [B, L] copies it to
+    `device` (None: stay where it is) and applies color jitter and normalization there, returning float
+    [B, 3, S, S] (channels_last memory if asked). Called on one decoded uint8 [3, H, W] image, or through
+    `views_from_bytes`, it does both halves on the CPU: a per-sample transform like any other.
+    """
+
+    batched = True
+
+    def __init__(
+        self,
+        size: int = 224,
+        rotation_deg: float = 10.0,
+        jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        *,
+        device: torch.device | str | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        self.prepare = ImagenetTrainGeometry(size, rotation_deg, jitter, scale, ratio)
+        self.size = size
+        self.device = None if device is None else torch.device(device)
+        self.channels_last = channels_last
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        if x.dim() == 3:  # a decoded image, per sample on the CPU
+            return self.finish(self.prepare(x, gen)[None], None)[0]
+        return self.finish(x, self.device)
+
+    def views_from_bytes(self, data: bytes, views: int, gen: torch.Generator | None) -> list[torch.Tensor]:
+        return [self.finish(v[None], None)[0] for v in self.prepare.views_from_bytes(data, views, gen)]
+
+    def finish(self, packed: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+        """Packed uint8 views [B, L] -> normalized float [B, 3, S, S] on `device`: the device half."""
+        _, params = unpack_views(packed, self.size)  # checks the layout; the parameters stay on the host
+        pixels, _ = unpack_views(_to_device(packed, device), self.size)
+        x = pixels.float().div_(255.0)
+        x = color_jitter_batch(x, params[:, :4], params[:, 4:])
+        return normalize_batch(x, self.channels_last)
+
+    def __repr__(self) -> str:
+        g = self.prepare
+        return (
+            f"ImagenetTrainFast(size={self.size}, rotation_deg={g.rotation_deg}, jitter={g.jitter}, "
+            f"device={self.device}, channels_last={self.channels_last})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- eval
+class ImagenetEvalGeometry:
+    """The loader-worker half of ImagenetEvalFast: shorter side to `resize`, centre crop `crop`, uint8.
+
+    The JPEG is decoded at the smallest DCT scale whose shorter side is still >= resize.
+    """
+
+    def __init__(self, resize: int = 256, crop: int = 224) -> None:
+        if crop > resize:
+            raise ValueError(f"crop {crop} is larger than resize {resize}")
+        self.resize, self.crop = resize, crop
+
+    def views_from_bytes(
+        self, data: bytes, views: int, gen: torch.Generator | None = None
+    ) -> list[torch.Tensor]:
+        jpeg_hw = jpeg_size(data)
+        eighths = 8 if jpeg_hw is None else dct_scale_eighths([min(jpeg_hw)], self.resize)
+        image = decode_rgbx(data, jpeg_hw, eighths)
+        full_hw = jpeg_hw if jpeg_hw is not None else (image.shape[0], image.shape[1])
+        view = self.view(image, full_hw)
+        return [view] * views
+
+    def __call__(self, image: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        return self.view(rgbx_from_chw(image), (image.shape[1], image.shape[2]))
+
+    def view(self, image: torch.Tensor, full_hw: tuple[int, int]) -> torch.Tensor:
+        """uint8 [3, crop, crop] of `image` (uint8 [h, w, 4], a decode of the full_hw image at any scale)."""
+        h, w = full_hw
+        short, long = (h, w) if h <= w else (w, h)
+        new_long = int(self.resize * long / short)  # the size ImagenetEvalTransform resizes to
+        x = resize_rgbx(image, (self.resize, new_long) if h <= w else (new_long, self.resize))
+        top, left = round((x.shape[1] - self.crop) / 2), round((x.shape[2] - self.crop) / 2)
+        return x[:, top : top + self.crop, left : left + self.crop].contiguous()
+
+    def __repr__(self) -> str:
+        return f"ImagenetEvalGeometry(resize={self.resize}, crop={self.crop})"
+
+
+class ImagenetEvalFast:
+    """Resize the shorter side to `resize`, centre crop `crop`, ImageNet normalization: the fast path.
+
+    `batched`: `prepare` (ImagenetEvalGeometry) makes uint8 [3, crop, crop] in the loader workers;
+    `__call__` on a uint8 batch [B, 3, crop, crop] normalizes it on `device`. On one decoded uint8
+    [3, H, W] image, or through `views_from_bytes`, it does both on the CPU.
+    """
+
+    batched = True
+
+    def __init__(
+        self,
+        resize: int = 256,
+        crop: int = 224,
+        *,
+        device: torch.device | str | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        self.prepare = ImagenetEvalGeometry(resize, crop)
+        self.resize, self.crop = resize, crop
+        self.device = None if device is None else torch.device(device)
+        self.channels_last = channels_last
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        if x.dim() == 3:  # a decoded image, per sample on the CPU
+            return self.finish(self.prepare(x)[None], None)[0]
+        return self.finish(x, self.device)
+
+    def views_from_bytes(
+        self, data: bytes, views: int, gen: torch.Generator | None = None
+    ) -> list[torch.Tensor]:
+        return [self.finish(v[None], None)[0] for v in self.prepare.views_from_bytes(data, views, gen)]
+
+    def finish(self, batch: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+        """uint8 [B, 3, crop, crop] -> normalized float on `device`: the device half."""
+        if (
+            batch.dim() != 4
+            or batch.dtype != torch.uint8
+            or tuple(batch.shape[1:]) != (3, self.crop, self.crop)
+        ):
+            raise ValueError(
+                f"expected uint8 [B, 3, {self.crop}, {self.crop}] (from ImagenetEvalGeometry), "
+                f"got {batch.dtype} {tuple(batch.shape)}"
+            )
+        return normalize_batch(_to_device(batch, device).float().div_(255.0), self.channels_last)
+
+    def __repr__(self) -> str:
+        return (
+            f"ImagenetEvalFast(resize={self.resize}, crop={self.crop}, device={self.device}, "
+            f"channels_last={self.channels_last})"
+        )

@@ -1,0 +1,44 @@
+"""Benchmarks smoke: gpu_step.py runs end to end on CPU with tiny settings; the runner's ratio table.
+
+No timing is asserted (speed goes in benchmarks/RESULTS.md); only that the figures come out.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+from benchmarks.run import data_ratios, ratio_table
+
+
+def test_gpu_step_runs_on_cpu_with_tiny_settings():
+    args = ["--device", "cpu", "--arch", "resnet18", "--size", "64", "--batch", "8", "--steps", "3"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_step", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    # resnet18 at 64x64: (64/224)^2 of its 3.6 GFLOP at 224 (two heads of 1000 classes)
+    gflop = float(re.search(r"forward ([\d.]+) GFLOP/image", out).group(1))
+    assert 0.25 < gflop < 0.35
+    for phase in ("Mean Teacher", "supervised"):
+        found = re.search(rf"^\s*{phase}\s+([\d.]+) student images/s.*process max RSS", out, re.MULTILINE)
+        assert found and float(found.group(1)) > 0, out
+    ratio = float(re.search(r"MT / supervised \(student images/s\): ([\d.]+)", out).group(1))
+    assert 0 < ratio < 1.5
+
+
+def test_data_ratios_apply_the_goal_to_the_main_ratio_only():
+    rows = data_ratios({"ratio": 2.5, "ratio_vs_pillow_hue": 3.0, "images": 300, "label": "x"})
+    assert [(r["value"], r["met"]) for r in rows] == [(2.5, True), (3.0, None)]
+    table = "\n".join(ratio_table(rows + [{"name": "(c) x", "value": 1.2, "goal": "<= 1.05", "met": False}]))
+    assert "MISSED" in table and table.count("met") >= 1
