@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from mtdist import data as mtdata
@@ -32,6 +33,8 @@ TEST_PER_CLASS = 100
 LABELS_PER_CLASS = 40  # 10% of the 4000 training images
 NUM_CLASSES = 10
 TRAIN_SIZE = 5000 - TEST_PER_CLASS * NUM_CLASSES
+MONITOR_SIZE = 500  # unlabeled train images evaluated during training, for the curves (`mtdist report`)
+MONITOR_INTERVAL_STEPS = 500
 SUPERVISED = {"optim.lr": 1e-3}  # the best supervised-only lr of 3e-4..1e-2, tuned on a validation split
 
 
@@ -62,7 +65,7 @@ def parse_options(args: list[str]) -> DemoOptions:
 
 
 def write_data(out: Path, seeds: list[int]) -> dict[str, str]:
-    """Shards for the test split, the unlabeled train set and each seed's labeled subset."""
+    """Shards for the test split, the unlabeled train set, each seed's labeled subset and the monitor split."""
     images, labels = mtdata.load_mnist5k()
     test_idx, train_idx = mtdata.split_per_class(labels, TEST_PER_CLASS, seed=SPLIT_SEED)
     keys = [f"mnist5k_{i:04d}" for i in range(len(labels))]
@@ -72,9 +75,16 @@ def write_data(out: Path, seeds: list[int]) -> dict[str, str]:
         return str(out / f"{prefix}.index.json")
 
     specs = {"test": shards(test_idx, "test"), "unlabeled": shards(train_idx, "train")}
+    labeled_any = np.zeros(len(labels), bool)
     for seed in seeds:
         chosen, _ = mtdata.split_per_class(labels[train_idx], LABELS_PER_CLASS, seed=seed)
         specs[f"labeled{seed}"] = shards(train_idx[chosen], f"labeled-seed{seed}")
+        labeled_any[train_idx[chosen]] = True
+    # Curves need an evaluation during training, and the test split is used once, at the end. The
+    # monitor split is train images that no arm of any seed sees labeled: their labels only draw curves.
+    unlabeled_only = train_idx[~labeled_any[train_idx]]
+    monitor = np.sort(np.random.default_rng(SPLIT_SEED).choice(unlabeled_only, MONITOR_SIZE, replace=False))
+    specs["monitor"] = shards(monitor, "monitor")
     return specs
 
 
@@ -84,6 +94,8 @@ def arm_overrides(opts: DemoOptions, specs: dict[str, str], seed: int, arm: str)
         f"data.labeled={specs[f'labeled{seed}']}",
         f"data.unlabeled={specs['unlabeled']}",
         f"data.test={specs['test']}",
+        f"data.val={specs['monitor']}",
+        f"logging.eval_interval_steps={MONITOR_INTERVAL_STEPS}",
         f"logging.run_dir={Path(opts.run_dir) / f'seed{seed}' / arm}",
         "logging.progress_bar=false",
         *opts.overrides,

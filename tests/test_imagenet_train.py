@@ -12,6 +12,7 @@ import collections
 import json
 
 import pytest
+import torch
 from conftest import TINY
 from imagenet_tree import make_imagenet_tree
 from test_train_deepspeed import torchrun
@@ -97,3 +98,25 @@ def _keys_of(index_path: str) -> set[str]:
     from mtdist.data.stream import read_samples
 
     return {s["__key__"] for s in read_samples(resolve_shards(index_path))}
+
+
+def test_stop_after_k_steps_restore_next_batches_equal(imagenet_shards, tmp_path):
+    """The data position of a checkpoint (batches consumed + samples dropped per reader) restores the
+    ImageNet stream exactly: same keys and same augmented pixels, 2 loader workers per stream."""
+    from mtdist.dist import DistEnv
+    from mtdist.train import build_train_batches
+
+    cfg = load_config(TINY, _overrides(imagenet_shards, tmp_path))
+    env = DistEnv(rank=1, world_size=2, local_rank=1, master_addr="127.0.0.1", master_port=0)
+    plan = make_plan(cfg, 2, *dataset_sizes(cfg))
+    k, n = 7, 6
+    whole = build_train_batches(cfg, env, plan)
+    reference = [(next(whole), list(whole.keys)) for _ in range(k + n)]
+    position = whole.state_dict(k)
+    whole.close()
+    resumed = build_train_batches(cfg, env, plan, position["batches"], position["skipped"])
+    for batch, keys in reference[k:]:
+        again = next(resumed)
+        assert list(resumed.keys) == keys
+        assert all(torch.equal(a, b) for a, b in zip(again, batch, strict=True))
+    resumed.close()
