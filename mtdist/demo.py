@@ -65,7 +65,7 @@ def parse_options(args: list[str]) -> DemoOptions:
 
 
 def write_data(out: Path, seeds: list[int]) -> dict[str, str]:
-    """Shards for the test split, the unlabeled train set, each seed's labeled subset and the monitor split."""
+    """Shards: the test split, the unlabeled train set, each seed's labeled subset, the monitor split."""
     images, labels = mtdata.load_mnist5k()
     test_idx, train_idx = mtdata.split_per_class(labels, TEST_PER_CLASS, seed=SPLIT_SEED)
     keys = [f"mnist5k_{i:04d}" for i in range(len(labels))]
