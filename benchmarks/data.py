@@ -11,9 +11,10 @@ the median over rounds. An image is one sample with both of its views.
   runs on the GPU in training; here it is timed separately, on the CPU.
 - pillow: a naive webdataset-style two-view pipeline: full Pillow decode, then per view Pillow rotate
   (whole image, nearest), crop + resize (BILINEAR, 224), flip, color jitter in random order with
-  ImageEnhance (brightness, contrast, saturation) and an HSV hue shift, to a float tensor, normalized;
-  collated with torch.stack. Conservative: no RGB->RGB copy after decoding (webdataset's "pil"
-  decoder makes one).
+  ImageEnhance (brightness, contrast, saturation), to a float tensor, normalized; collated with
+  torch.stack. Conservative: no hue (ImageEnhance has none) and no RGB->RGB copy after decoding
+  (webdataset's "pil" decoder makes one). pillow_hue adds hue as torchvision does it on PIL
+  images (an HSV round trip), for information.
 
 The images: natural-ish content (smooth gradients, 1/f-like noise over octaves, fine grain) at
 ImageNet-like sizes, mostly 500x375 / 375x500 / 500x333, a tenth at 1024x768, JPEG quality 90.
