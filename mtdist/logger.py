@@ -2,8 +2,9 @@
 
 Other ranks get a logger that does nothing, so call sites never test the rank. wandb is
 imported here only. Metric names are grouped by prefix (train/, eval/student/, eval/teacher/,
-data/, system/), all against the optimizer step, so W&B's default dashboard shows one panel
-section per group.
+data/, system/), all against the optimizer step: W&B's default dashboard shows one panel section
+per first segment (train, eval, data, system), and eval/student and eval/teacher get their own
+when the workspace groups by all segments.
 """
 
 from __future__ import annotations

@@ -31,15 +31,15 @@ def compute_losses(
 ) -> dict[str, torch.Tensor]:
     """All loss terms and their weighted sum; the teacher's class head is the target of head 2."""
     cls_logits, cons_logits = student_out
-    terms = {"loss/class": supervised_loss(cls_logits, labels)}
-    total = terms["loss/class"]
+    terms = {"train/loss_class": supervised_loss(cls_logits, labels)}
+    total = terms["train/loss_class"]
     if teacher_cls is not None:
-        terms["loss/consistency"] = consistency_loss(weights.consistency_kind, cons_logits, teacher_cls)
-        total = total + weights.consistency_weight * terms["loss/consistency"]
+        terms["train/loss_consistency"] = consistency_loss(weights.consistency_kind, cons_logits, teacher_cls)
+        total = total + weights.consistency_weight * terms["train/loss_consistency"]
         if weights.logit_distance_cost > 0:
-            terms["loss/logit_distance"] = logit_distance(cls_logits, cons_logits)
-            total = total + weights.logit_distance_cost * terms["loss/logit_distance"]
-    terms["loss/total"] = total
+            terms["train/loss_logit_distance"] = logit_distance(cls_logits, cons_logits)
+            total = total + weights.logit_distance_cost * terms["train/loss_logit_distance"]
+    terms["train/loss_total"] = total
     return terms
 
 
@@ -58,7 +58,7 @@ def train_step(
     student_out = engine(view1)
     teacher_cls = teacher(view2)[0] if teacher is not None else None
     terms = compute_losses(student_out, teacher_cls, labels, weights)
-    loss = terms["loss/total"]
+    loss = terms["train/loss_total"]
     if not math.isfinite(loss.item()):
         raise FloatingPointError(
             f"non-finite loss at step {step}: "

@@ -22,13 +22,13 @@ from torch import nn
 from tqdm import tqdm
 
 from mtdist import checkpoint
-from mtdist import data as mtdata
 from mtdist.checkpoint import TrainState
-from mtdist.config import Config, ConfigError, load_config_dict, save_config, to_dict
-from mtdist.dist import DistEnv, dist_env_from_environ, init_process_group, pick_device
+from mtdist.config import Config, load_config_dict, save_config, to_dict
+from mtdist.dist import DistEnv, dist_env_from_environ, init_process_group
 from mtdist.ema import Teacher, check_synchronized, flatten_parameters_
 from mtdist.engine import build_engine, init_distributed
 from mtdist.evaluate import evaluate
+from mtdist.inputs import build_train_batches, check_eval_shards, eval_batches
 from mtdist.logger import MetricsLogger, new_run_id
 from mtdist.models import build_model
 from mtdist.plan import Plan, dataset_sizes, make_plan
@@ -136,97 +136,6 @@ def set_backend_flags(device: torch.device) -> None:
     """cuDNN autotuning: the input shape is fixed for a whole run, so the search pays for itself."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-
-
-def build_train_batches(
-    cfg: Config, env: DistEnv, plan: Plan, start_batch: int = 0, skipped: dict | None = None
-) -> mtdata.TrainBatches:
-    """The train batches from `start_batch` on; `skipped`: the corrupt samples dropped before it per
-    stream and reader worker (the checkpoint's data position), so the resumed stream is exact."""
-    d = cfg.data
-    train_tf, _ = make_transforms(cfg, env)
-    unlabeled = shard_urls(cfg, "unlabeled") if plan.unlabeled_per_gpu else []
-    # per-shard counts from the index let a resume skip whole shards without reading them
-    counts = mtdata.shard_sample_counts(d.labeled) | (
-        mtdata.shard_sample_counts(d.unlabeled) if unlabeled else {}
-    )
-    return mtdata.build_train_loader(
-        shard_urls(cfg, "labeled"),
-        unlabeled,
-        labeled_per_gpu=plan.labeled_per_gpu,
-        unlabeled_per_gpu=plan.unlabeled_per_gpu,
-        rank=env.rank,
-        world_size=env.world_size,
-        seed=cfg.seed,
-        transform=train_tf,
-        channels=d.channels,
-        num_workers=d.num_workers,
-        shuffle_buffer=d.shuffle_buffer,
-        cache_decoded=d.cache_decoded,
-        pin_memory=torch.cuda.is_available(),
-        start_batch=start_batch,
-        sample_counts=counts,
-        skipped=skipped,
-        num_classes=d.num_classes,
-        error_bound=error_bound(cfg),
-    )
-
-
-def error_bound(cfg: Config) -> mtdata.ErrorBound:
-    return mtdata.ErrorBound(cfg.data.max_error_fraction, cfg.data.error_fraction_min_samples)
-
-
-def make_transforms(cfg: Config, env: DistEnv) -> tuple[mtdata.Transform, mtdata.Transform]:
-    """(train, eval) transforms. Batched ones finish each batch on this rank's device (ImageNet: the
-    pinned uint8 batch is copied there and color-jittered and normalized, NHWC if model.channels_last)."""
-    d, device = cfg.data, pick_device(env)
-    where = {"device": device, "channels_last": cfg.model.channels_last and device.type == "cuda"}
-    return mtdata.make_transforms(d.augment, d.image_size, d.channels, **where, **_augment_kwargs(cfg))
-
-
-def _augment_kwargs(cfg: Config) -> dict[str, Any]:
-    if cfg.data.augment == "digits":
-        return {"shift_px": cfg.data.shift_px, "noise_std": cfg.data.noise_std}
-    return {}
-
-
-def eval_batches(cfg: Config, env: DistEnv, spec: str) -> mtdata.EvalBatches:
-    d = cfg.data
-    _, eval_tf = make_transforms(cfg, env)
-    return mtdata.build_eval_loader(
-        mtdata.resolve_shards(spec),
-        batch_size=d.eval_batch_size_per_gpu,
-        rank=env.rank,
-        world_size=env.world_size,
-        transform=eval_tf,
-        channels=d.channels,
-        num_workers=eval_workers(cfg),
-        num_classes=d.num_classes,
-        error_bound=error_bound(cfg),
-    )
-
-
-def eval_workers(cfg: Config) -> int:
-    return min(cfg.data.num_workers, 2)
-
-
-def check_eval_shards(cfg: Config, env: DistEnv) -> None:
-    """Val and test shards exist and split over the eval readers: said now, not at the first evaluation."""
-    for key in ("val", "test"):
-        if getattr(cfg.data, key):
-            urls = shard_urls(cfg, key)
-            try:
-                mtdata.check_readers(len(urls), env.world_size, eval_workers(cfg))
-            except ValueError as exc:
-                raise ConfigError(f"data.{key}: {exc}") from None
-
-
-def shard_urls(cfg: Config, key: str) -> list[str]:
-    """The shards of `data.<key>`; a bad spec or a missing shard is a config error naming the key."""
-    try:
-        return mtdata.resolve_shards(getattr(cfg.data, key))
-    except (ValueError, FileNotFoundError) as exc:
-        raise ConfigError(f"data.{key}: {exc}") from None
 
 
 def set_cpu_threads(device: torch.device) -> None:
@@ -385,7 +294,7 @@ def log_step(run: Run, step: int, window: Window, bar: tqdm) -> None:
         row["train/ema_decay"] = ema_decay(max(run.teacher.updates, 1), cfg.mean_teacher.ema_decay)
         row["train/teacher_updates"] = run.teacher.updates
     run.metrics.log(step, row)
-    bar.set_postfix(loss=f"{row['loss/total']:.3f}", img_s=f"{images_per_s:.0f}")
+    bar.set_postfix(loss=f"{row['train/loss_total']:.3f}", img_s=f"{images_per_s:.0f}")
 
 
 def system_metrics(device: torch.device, step_time_s: float) -> dict[str, float]:

@@ -43,8 +43,9 @@ from mtdist.data import (
 from mtdist.data.shards import encode_png
 from mtdist.data.stream import read_samples
 from mtdist.dist import DistEnv
+from mtdist.inputs import build_train_batches, check_eval_shards
 from mtdist.logger import read_metrics
-from mtdist.train import build_train_batches, check_eval_shards, data_error_metrics
+from mtdist.train import data_error_metrics
 
 SIZE, NUM_CLASSES = 8, 3
 EVAL = DigitsAugment(0, 0.0, mean=0.0, std=1.0)
@@ -453,8 +454,8 @@ def test_training_on_corrupt_shards_reports_and_resumes_exactly(mnist_shards: di
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {run: read_metrics(tmp_path / run) for run in "ab"}
-    train = {run: {r["step"]: r for r in rows[run] if "loss/total" in r} for run in "ab"}
-    assert train["a"][6]["loss/total"] == train["b"][6]["loss/total"]
+    train = {run: {r["step"]: r for r in rows[run] if "train/loss_total" in r} for run in "ab"}
+    assert train["a"][6]["train/loss_total"] == train["b"][6]["train/loss_total"]
     assert train["a"][6]["data/errors_total"] == train["b"][6]["data/errors_total"] > 0
     assert (
         train["a"][2]["data/errors"] + train["a"][4]["data/errors"] + train["a"][6]["data/errors"]

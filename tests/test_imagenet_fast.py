@@ -338,7 +338,7 @@ def test_make_transforms_gives_the_fast_pair(tmp_path: Path) -> None:
 def test_train_wires_the_fast_pair_to_the_rank_device() -> None:
     from mtdist.config import load_config
     from mtdist.dist import DistEnv
-    from mtdist.train import make_transforms as train_transforms
+    from mtdist.inputs import make_transforms as train_transforms
 
     cfg = load_config(None, ["data.augment=imagenet", "data.image_size=32", "model.channels_last=true"])
     env = DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=0)

@@ -104,7 +104,7 @@ def test_stop_after_k_steps_restore_next_batches_equal(imagenet_shards, tmp_path
     """The data position of a checkpoint (batches consumed + samples dropped per reader) restores the
     ImageNet stream exactly: same keys and same augmented pixels, 2 loader workers per stream."""
     from mtdist.dist import DistEnv
-    from mtdist.train import build_train_batches
+    from mtdist.inputs import build_train_batches
 
     cfg = load_config(TINY, _overrides(imagenet_shards, tmp_path))
     env = DistEnv(rank=1, world_size=2, local_rank=1, master_addr="127.0.0.1", master_port=0)

@@ -106,7 +106,7 @@ def test_consistency_gradient_reaches_student_consistency_head_and_never_the_tea
     x = torch.randn(8, 1, 6, 6)
     labels = torch.full((8,), -1)  # unlabeled: only the consistency term acts
     terms = compute_losses(student(x), teacher(x)[0], labels, LossWeights("mse", 1.0, 0.0))
-    terms["loss/total"].backward()
+    terms["train/loss_total"].backward()
     assert student.head_cons.weight.grad.abs().sum() > 0
     assert student.head_cls.weight.grad is None or student.head_cls.weight.grad.abs().sum() == 0
     assert all(p.grad is None for p in teacher.module.parameters())

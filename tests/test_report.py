@@ -64,19 +64,28 @@ def test_report_of_a_real_run_draws_every_plot(short_run):
 
 def test_report_reads_every_logged_series(short_run):
     series = load_series(short_run)
-    steps, _ = series["loss/total"]
+    steps, _ = series["train/loss_total"]
     assert steps == [2, 4, 6, 8, 10]
-    for name in ("loss/class", "loss/consistency", "loss/logit_distance", "train/lr", "train/ema_decay"):
+    for name in (
+        "train/loss_class",
+        "train/loss_consistency",
+        "train/loss_logit_distance",
+        "train/lr",
+        "train/ema_decay",
+    ):
         assert len(series[name][0]) == 5, name
     assert series["eval/teacher/top1"][0] == [5, 10]
 
 
 def test_missing_metrics_skip_plots_with_a_note(tmp_path):
-    rows = [{"step": s, "time": 0.0, "loss/class": 2.0 / s, "train/lr": 0.1 * s} for s in (1, 2, 3)]
+    rows = [{"step": s, "time": 0.0, "train/loss_class": 2.0 / s, "train/lr": 0.1 * s} for s in (1, 2, 3)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     lines = write_report(tmp_path)
     losses = next(line for line in lines if "losses.png" in line)
-    assert losses.startswith("wrote") and "not logged: loss/consistency, loss/logit_distance" in losses
+    assert (
+        losses.startswith("wrote")
+        and "not logged: train/loss_consistency, train/loss_logit_distance" in losses
+    )
     skipped = [line for line in lines if line.startswith("skipped")]
     assert {line.split()[1].rstrip(":") for line in skipped} == {
         "consistency_weight.png",
@@ -88,9 +97,13 @@ def test_missing_metrics_skip_plots_with_a_note(tmp_path):
 
 
 def test_resumed_steps_keep_the_later_value_in_step_order(tmp_path):
-    rows = [{"step": 2, "loss/total": 1.0}, {"step": 4, "loss/total": 0.9}, {"step": 2, "loss/total": 0.5}]
+    rows = [
+        {"step": 2, "train/loss_total": 1.0},
+        {"step": 4, "train/loss_total": 0.9},
+        {"step": 2, "train/loss_total": 0.5},
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert load_series(tmp_path)["loss/total"] == ([2, 4], [0.5, 0.9])
+    assert load_series(tmp_path)["train/loss_total"] == ([2, 4], [0.5, 0.9])
 
 
 def test_no_metrics_file_names_the_path(tmp_path):
@@ -104,6 +117,6 @@ def test_no_metrics_file_names_the_path(tmp_path):
 
 
 def test_truncated_metrics_line_is_named(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss/total": 1.0}\n{"step": 2, "loss/to')
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss_total": 1.0}\n{"step": 2, "train/lo')
     with pytest.raises(ValueError, match="line 2"):
         write_report(tmp_path)

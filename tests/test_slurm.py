@@ -62,7 +62,7 @@ def launch(args: list[str], cluster: SlurmCluster) -> subprocess.CompletedProces
 def check_trained(run_dir: Path, world_size: int, max_steps: int = 4) -> None:
     """Every step logged once (a restart from scratch would log the first steps again)."""
     rows = read_metrics(run_dir)
-    train = [r for r in rows if "loss/total" in r]
+    train = [r for r in rows if "train/loss_total" in r]
     assert [r["step"] for r in train] == list(range(2, max_steps + 1, 2))
     assert {r["system/world_size"] for r in train} == {world_size}
     evals = [

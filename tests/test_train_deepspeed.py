@@ -79,10 +79,15 @@ def test_teacher_bitwise_identical_across_ranks_and_different_from_student(two_r
 def test_loss_terms_finite_and_metrics_logged(two_rank_run):
     out, (r0, _) = two_rank_run
     rows = read_metrics(out)
-    train_rows = [r for r in rows if "loss/total" in r]
+    train_rows = [r for r in rows if "train/loss_total" in r]
     assert [r["step"] for r in train_rows] == [2, 4, 6]
     for row in train_rows:
-        for key in ("loss/total", "loss/class", "loss/consistency", "loss/logit_distance"):
+        for key in (
+            "train/loss_total",
+            "train/loss_class",
+            "train/loss_consistency",
+            "train/loss_logit_distance",
+        ):
             assert math.isfinite(row[key]), (key, row)
         assert row["system/world_size"] == 2 and row["data/images_per_s"] > 0
         assert 0 < row["train/lr"] <= 0.05 and row["train/ema_decay"] <= 0.99
@@ -126,5 +131,5 @@ def test_mtdist_train_under_the_deepspeed_launcher(mnist_shards, tmp_path, zero_
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     final = json.loads((tmp_path / "final.json").read_text())
     assert final["val/count"] == 120 and math.isfinite(final["val/student/top1"])
-    rows = [r for r in read_metrics(tmp_path) if "loss/total" in r]
+    rows = [r for r in read_metrics(tmp_path) if "train/loss_total" in r]
     assert rows[-1]["step"] == 4 and rows[-1]["system/world_size"] == 2

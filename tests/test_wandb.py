@@ -80,12 +80,12 @@ def test_offline_run_holds_metrics_and_resume_continues_the_same_run(mnist_shard
     run_id = first[0].name.rsplit("-", 1)[1]
     records = read_wandb_records(next(first[0].glob("run-*.wandb")))
     rows = history(records)
-    steps = [r["step"] for r in rows if "loss/total" in r]
+    steps = [r["step"] for r in rows if "train/loss_total" in r]
     assert steps == [2, 4]
     assert any("val/teacher/top1" in r for r in rows) and all("time" not in r for r in rows)
     # W&B makes a panel section of each name's first segment: these, plotted against the optimizer step
     keys = {k for r in rows for k in r}
-    assert {k.split("/")[0] for k in keys if "/" in k} == {"loss", "train", "eval", "data", "system", "val"}
+    assert {k.split("/")[0] for k in keys if "/" in k} == {"train", "eval", "data", "system", "val"}
     assert {"eval/student/top1", "eval/teacher/top1", "data/images_per_s", "data/errors"} <= keys
     assert {"system/step_time_s", "system/rss_gb", "system/world_size"} <= keys
     logged = {
@@ -103,7 +103,9 @@ def test_offline_run_holds_metrics_and_resume_continues_the_same_run(mnist_shard
     } == {run_id}
     second = next(r for r in runs if r != first[0])
     resumed = [
-        r["step"] for r in history(read_wandb_records(next(second.glob("run-*.wandb")))) if "loss/total" in r
+        r["step"]
+        for r in history(read_wandb_records(next(second.glob("run-*.wandb"))))
+        if "train/loss_total" in r
     ]
     assert resumed == [6]
     # the key in the environment (as a user exports it) is neither printed nor written anywhere
