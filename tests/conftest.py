@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,3 +41,14 @@ def mnist_shards(tmp_path_factory) -> dict[str, str]:
 
 def shard_overrides(shards: dict[str, str]) -> list[str]:
     return [f"data.{k}={v}" for k, v in shards.items()]
+
+
+def run_python(args: list[str], *, threads: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python ARGS` from the repo root with `threads` torch threads; fails the test, showing the output's
+    tail, unless it exits 0."""
+    env = os.environ | {"OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc

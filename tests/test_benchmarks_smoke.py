@@ -5,27 +5,16 @@ No timing is asserted (speed goes in benchmarks/RESULTS.md); only that the figur
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 
-from conftest import ROOT
+from conftest import run_python
 
 from benchmarks.run import data_ratios, ratio_table
 
 
 def test_gpu_step_runs_on_cpu_with_tiny_settings():
     args = ["--device", "cpu", "--arch", "resnet18", "--size", "64", "--batch", "8", "--steps", "3"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_step", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "2"},
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_python(["-m", "benchmarks.gpu_step", *args], threads=2, timeout=300)
     out = proc.stdout
     # resnet18 at 64x64: (64/224)^2 of its 3.6 GFLOP at 224 (two heads of 1000 classes)
     gflop = float(re.search(r"forward ([\d.]+) GFLOP/image", out).group(1))

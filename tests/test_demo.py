@@ -4,11 +4,9 @@ saved, the monitor split gives eval rows during training, and `mtdist report` dr
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import ROOT
+from conftest import run_python
 from PIL import Image
 
 from mtdist.logger import read_metrics
@@ -18,10 +16,8 @@ pytestmark = pytest.mark.slow
 
 def test_short_demo_prints_the_table_and_its_curves_can_be_drawn(tmp_path):
     run_dir = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "mtdist", "demo", "seeds=[0]", "schedule.max_steps=40",
-           "logging.log_interval_steps=10", f"run_dir={run_dir}"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    args = ["seeds=[0]", "schedule.max_steps=40", "logging.log_interval_steps=10", f"run_dir={run_dir}"]
+    proc = run_python(["-m", "mtdist", "demo", *args])
     assert "supervised-only  MT student  MT teacher" in proc.stdout
     results = json.loads((run_dir / "results.json").read_text())["0"]
     for arm in ("supervised", "mean_teacher"):
@@ -32,8 +28,6 @@ def test_short_demo_prints_the_table_and_its_curves_can_be_drawn(tmp_path):
     mt = run_dir / "seed0" / "mean_teacher"
     monitor = [r for r in read_metrics(mt) if "val/teacher/top1" in r]
     assert monitor and monitor[-1]["val/count"] == 500  # the monitor split, evaluated at the end
-    report = subprocess.run([sys.executable, "-m", "mtdist", "report", str(mt)], capture_output=True,
-                            text=True, cwd=ROOT, timeout=300)  # fmt: skip
-    assert report.returncode == 0, report.stderr[-3000:]
+    run_python(["-m", "mtdist", "report", str(mt)], timeout=300)
     with Image.open(mt / "report" / "accuracy.png") as png:
         assert png.size[0] > 200 and png.getextrema() != ((255, 255),) * len(png.getbands())

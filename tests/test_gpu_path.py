@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY
+from conftest import TINY, run_python
 
 from mtdist.config import load_config
 from mtdist.ema import Teacher, flat_view, flatten_parameters_
@@ -102,15 +99,7 @@ def test_real_engine_wiring_compile_autocast_single_rank():
     """model.compile=true compiles student and teacher in place; bf16 is autocast (fp32 weights); one
     rank skips DeepSpeed's all-reduce with itself; no hidden clipping. (Compiling a step on 2 CPU
     cores takes minutes, so the step itself is not run here.)"""
-    proc = subprocess.run(
-        [sys.executable, "-c", WIRING.format(tiny=str(TINY))],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_python(["-c", WIRING.format(tiny=str(TINY))], timeout=300)
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got == {
         "student_compiled": True,

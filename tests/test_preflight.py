@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, shard_overrides
+from conftest import ROOT, TINY, run_python, shard_overrides
 
 from mtdist.config import ConfigError, load_config
 from mtdist.preflight import DEFAULT_DECODE_PER_CORE, DEFAULT_SAMPLE_BYTES, estimate, mean_sample_bytes
@@ -81,13 +78,7 @@ def test_bad_rates_are_refused_by_name():
 
 
 def test_cli_plan_prints_the_figures():
-    proc = subprocess.run(
-        [sys.executable, "-m", "mtdist", "plan", "--config", str(FLAGSHIP), "--images-per-s", "700"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        check=True,
-    )
+    proc = run_python(["-m", "mtdist", "plan", "--config", str(FLAGSHIP), "--images-per-s", "700"])
     out = proc.stdout
     assert "345,900" in out and "138,360,000" in out
     assert "6.86 h" in out and "54.9" in out  # GPU-hours = 6.863 h x 8
@@ -99,15 +90,7 @@ def test_cli_plan_prints_the_figures():
 def test_cli_plan_measures_a_warm_up(mnist_shards):
     """--measure-steps: real synthetic steps of one rank of the planned run (DeepSpeed, gloo)."""
     args = ["--config", str(TINY), "--measure-steps", "2", *shard_overrides(mnist_shards)]
-    proc = subprocess.run(
-        [sys.executable, "-m", "mtdist", "plan", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_python(["-m", "mtdist", "plan", *args], timeout=300)
     assert "measured: 2 steps on cpu" in proc.stdout
     rate = float(proc.stdout.split("throughput")[1].split()[0].replace(",", ""))
     assert rate > 0

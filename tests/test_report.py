@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, TINY, shard_overrides
+from conftest import ROOT, TINY, run_python, shard_overrides
 from PIL import Image
 
 from mtdist.report import PLOTS, load_series, write_report
@@ -36,15 +35,7 @@ def short_run(mnist_shards, tmp_path_factory) -> Path:
         "logging.eval_interval_steps=5",
         "checkpoint.interval_steps=0",
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "mtdist", "train", "--config", str(TINY), *overrides],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_python(["-m", "mtdist", "train", "--config", str(TINY), *overrides])
     return run_dir
 
 
