@@ -243,7 +243,9 @@ def build_eval_loader(
         views=1, labeled=True, infinite=False, num_classes=num_classes,
         error_bound=error_bound or ErrorBound(), report_skipped=True,
     )  # fmt: skip
-    loader = _loader(dataset, batch_size, num_workers, pin_memory=False, seed=rank, drop_last=False)
+    # Pinned on CUDA, so the finishing transform's copy to the device is asynchronous, as in training.
+    pin = torch.cuda.is_available()
+    loader = _loader(dataset, batch_size, num_workers, pin_memory=pin, seed=rank, drop_last=False)
     return EvalBatches(loader, transform if batched else None)
 
 
