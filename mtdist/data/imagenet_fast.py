@@ -34,8 +34,12 @@ import torch.nn.functional as F
 
 from .transforms import (
     _GRAY_WEIGHTS,
+    CROP_RATIO,
+    CROP_SCALE,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    JITTER,
+    ROTATION_DEG,
     _check_rgb,
     _need,
     _uniform,
@@ -292,10 +296,10 @@ class ImagenetTrainGeometry:
     def __init__(
         self,
         size: int = 224,
-        rotation_deg: float = 10.0,
-        jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
-        scale: tuple[float, float] = (0.08, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        rotation_deg: float = ROTATION_DEG,
+        jitter: tuple[float, float, float, float] = JITTER,
+        scale: tuple[float, float] = CROP_SCALE,
+        ratio: tuple[float, float] = CROP_RATIO,
     ) -> None:
         if size < 1 or rotation_deg < 0 or min(jitter) < 0:
             raise ValueError(
@@ -359,10 +363,10 @@ class ImagenetTrainFast:
     def __init__(
         self,
         size: int = 224,
-        rotation_deg: float = 10.0,
-        jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
-        scale: tuple[float, float] = (0.08, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        rotation_deg: float = ROTATION_DEG,
+        jitter: tuple[float, float, float, float] = JITTER,
+        scale: tuple[float, float] = CROP_SCALE,
+        ratio: tuple[float, float] = CROP_RATIO,
         *,
         device: torch.device | str | None = None,
         channels_last: bool = False,

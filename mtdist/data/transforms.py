@@ -26,6 +26,11 @@ Transform = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The paper's ImageNet train augmentation (RECIPE.md): rotation, RandomResizedCrop, color jitter.
+ROTATION_DEG = 10.0
+JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+CROP_SCALE = (0.08, 1.0)  # area fraction of the image
+CROP_RATIO = (3 / 4, 4 / 3)  # aspect ratio
 # MNIST's pixel statistics; close enough for any white-on-black digit set at 0..255.
 DIGITS_MEAN = 0.1307
 DIGITS_STD = 0.3081
@@ -173,10 +178,10 @@ class ImagenetTrainAugment:
     def __init__(
         self,
         size: int = 224,
-        rotation_deg: float = 10.0,
-        jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
-        scale: tuple[float, float] = (0.08, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        rotation_deg: float = ROTATION_DEG,
+        jitter: tuple[float, float, float, float] = JITTER,
+        scale: tuple[float, float] = CROP_SCALE,
+        ratio: tuple[float, float] = CROP_RATIO,
     ) -> None:
         self.size, self.rotation_deg, self.jitter, self.scale, self.ratio = (
             size,
