@@ -115,3 +115,15 @@ def init_process_group(env: DistEnv, backend: str = "auto", timeout_s: int = 180
 def barrier() -> None:
     if torch_dist.is_initialized():
         torch_dist.barrier()
+
+
+def sum_over_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` summed elementwise over all ranks, on the CPU (`t` itself without a group or with one rank).
+
+    Sent from `device`: nccl needs a device tensor. Counts belong in float64, where sums stay exact.
+    """
+    if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
+        return t
+    t = t.to(device)
+    torch_dist.all_reduce(t)
+    return t.cpu()

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from mtdist import checkpoint
 from mtdist.checkpoint import TrainState
 from mtdist.config import Config, load_config_dict, save_config, to_dict
-from mtdist.dist import DistEnv, dist_env_from_environ, init_process_group
+from mtdist.dist import DistEnv, dist_env_from_environ, init_process_group, sum_over_ranks
 from mtdist.ema import Teacher, check_synchronized, flatten_parameters_
 from mtdist.engine import build_engine, init_distributed
 from mtdist.evaluate import evaluate
@@ -265,13 +265,13 @@ def evaluate_both(run: Run, spec: str, step: int, prefix: str) -> dict[str, floa
         run.teacher.sync_buffers()
         check_synchronized(run.teacher, step)
         models["teacher"] = run.teacher.module
-    for name, model in models.items():
-        batches = eval_batches(run.cfg, run.env, spec)
-        res = evaluate(model, batches, run.device, run.autocast_dtype, cl)
+    batches = eval_batches(run.cfg, run.env, spec)
+    for name, res in evaluate(models, batches, run.device, run.autocast_dtype, cl).items():
         out |= {f"{prefix}/{name}/top1": res["top1"], f"{prefix}/{name}/top5": res["top5"]}
         out[f"{prefix}/count"] = res["count"]
-    # corrupt samples dropped in one pass (the same in each), summed over ranks
-    out[f"{prefix}/data_errors"] = sum_over_ranks([batches.errors], run.device)[0]
+    # corrupt samples dropped in the pass, summed over ranks
+    errors = sum_over_ranks(torch.tensor([batches.errors], dtype=torch.float64), run.device)
+    out[f"{prefix}/data_errors"] = errors.item()
     return out
 
 
@@ -321,16 +321,9 @@ def data_error_metrics(run: Run, step: int) -> dict[str, float]:
     """Corrupt samples dropped, summed over ranks: in this log interval, since the run's start, and as a
     fraction of all raw samples read for the batches consumed (the bound itself is per reader)."""
     counts = run.train_batches.report(step * run.cfg.deepspeed.grad_accum_steps)
-    values = [counts.errors, counts.errors_total, counts.samples_total]
-    errors, total, samples = sum_over_ranks(values, run.device)
+    values = torch.tensor([counts.errors, counts.errors_total, counts.samples_total], dtype=torch.float64)
+    errors, total, samples = sum_over_ranks(values, run.device).tolist()
     return {"data/errors": errors, "data/errors_total": total, "data/error_fraction": total / max(samples, 1)}
-
-
-def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    summed = torch.tensor(values, dtype=torch.float64, device=device)  # nccl needs a device tensor
-    if torch_dist.is_initialized():
-        torch_dist.all_reduce(summed)
-    return summed.tolist()
 
 
 def eval_due(cfg: Config, plan: Plan, step: int) -> bool:
