@@ -59,13 +59,15 @@ def test_teacher_refuses_a_module_moved_after_it_was_built():
         teacher.update(student)
 
 
-def test_fused_optimizer_on_cuda_foreach_elsewhere():
+def test_fused_optimizer_where_torch_has_one_foreach_elsewhere():
     assert optimizer_kernel("cuda", torch.optim.SGD) == {"fused": True}
     assert optimizer_kernel("cuda", torch.optim.AdamW) == {"fused": True}
-    assert optimizer_kernel("cpu", torch.optim.SGD) == {"foreach": True}
+    assert optimizer_kernel("cpu", torch.optim.SGD) == {"fused": True}  # torch >= 2.4 (we pin 2.13)
+    assert optimizer_kernel("meta", torch.optim.SGD) == {"foreach": True}
+    assert optimizer_kernel("cuda", torch.optim.Adadelta) == {"foreach": True}  # no fused kernel
     cfg = load_config(TINY)
     opt = build_optimizer(cfg, build_model("resnet18", 10, width=4))
-    assert opt.defaults["foreach"] is True and not opt.defaults.get("fused")
+    assert opt.defaults["fused"] is True and not opt.defaults.get("foreach")
 
 
 def test_gradient_clipping_is_explicit():

@@ -144,6 +144,25 @@ def test_flat_update_equals_foreach_update():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
 
 
+def test_update_follows_a_student_whose_parameters_moved():
+    """The student's parameters are looked up once; re-pointing any of them must not leave a stale view."""
+    torch.manual_seed(0)
+    student = build_model("mlp", 4, input_size=6, in_channels=1)
+    teacher = Teacher(build_model("mlp", 4, input_size=6, in_channels=1), decay=0.5, autocast_dtype=None)
+    teacher.update(student)  # separate tensors: the foreach path, cached
+    flat = flatten_parameters_(student)  # every parameter moves into one new buffer
+    flat.add_(1.0)
+    middle = list(student.parameters())[1]
+    middle.data = middle.detach() + 2.0  # one parameter moves again, out of the buffer
+    pairs = zip(teacher.module.parameters(), student.parameters(), strict=True)
+    expected = [0.5 * t.detach() + 0.5 * s.detach() for t, s in pairs]
+    teacher.update(student)
+    for t, e in zip(teacher.module.parameters(), expected, strict=True):
+        torch.testing.assert_close(t, e, rtol=0, atol=1e-7)
+    flatten_parameters_(student)  # tiles one buffer again: the single lerp_ path
+    assert isinstance(teacher._student_source(student), torch.Tensor)
+
+
 def test_teacher_forward_runs_in_autocast_with_fp32_weights():
     teacher = Teacher(
         build_model("resnet18", 10, width=8, small_input=True), decay=0.99, autocast_dtype=torch.bfloat16
