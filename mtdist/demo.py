@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from mtdist import checkpoint
 from mtdist import data as mtdata
 from mtdist.config import ConfigError, load_config, parse_override
 from mtdist.plan import make_plan
@@ -177,11 +178,12 @@ def run_demo(args: list[str]) -> dict[int, dict[str, dict[str, float]]]:
     def one(job: tuple[int, str]) -> None:
         seed, arm = job
         t0 = time.perf_counter()
-        out = train_arm(
-            opts.config, arm_overrides(opts, specs, seed, arm), run_dir / f"seed{seed}" / f"{arm}.log"
-        )
+        arm_dir, overrides = run_dir / f"seed{seed}" / arm, arm_overrides(opts, specs, seed, arm)
+        resumed = checkpoint.find_resume(load_config(opts.config, overrides), arm_dir / "checkpoints")
+        out = train_arm(opts.config, overrides, arm_dir.with_suffix(".log"))
         results[seed][arm] = out
-        print(f"  seed {seed} {arm:<12} done in {time.perf_counter() - t0:5.0f} s", flush=True)
+        note = f" (resumed from {resumed}; delete {run_dir} to train from scratch)" if resumed else ""
+        print(f"  seed {seed} {arm:<12} done in {time.perf_counter() - t0:5.0f} s{note}", flush=True)
 
     with ThreadPoolExecutor(max_workers=opts.parallel) as pool:
         list(pool.map(one, jobs))

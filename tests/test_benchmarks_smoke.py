@@ -31,3 +31,20 @@ def test_data_ratios_apply_the_goal_to_the_main_ratio_only():
     assert [(r["value"], r["met"]) for r in rows] == [(2.5, True), (3.0, None)]
     table = "\n".join(ratio_table(rows + [{"name": "(c) x", "value": 1.2, "goal": "<= 1.05", "met": False}]))
     assert "MISSED" in table and table.count("met") >= 1
+
+
+def test_ema_benchmark_prints_every_figure_with_a_small_model():
+    from benchmarks import ema
+
+    res = ema.run("resnet18", repeats=1)
+    lines = "\n".join(ema.report_lines(res))
+    for label in (
+        "fused teacher update",
+        "authors' loop",
+        "memory copy",
+        "SGD step, fused",
+        "SGD step, foreach",
+    ):
+        assert re.search(rf"{label}.*\d+\.\d\d ms", lines), lines
+    assert [r["met"] is None for r in res["ratios"]] == [False, False, True]
+    assert all(r["value"] > 0 for r in res["ratios"])
