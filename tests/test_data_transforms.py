@@ -21,8 +21,10 @@ from mtdist.data import (
 from mtdist.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    VIEW_DRAWS,
     adjust_hue,
     color_jitter,
+    draw_view,
     hsv_to_rgb,
     random_resized_crop_box,
     rgb_to_hsv,
@@ -150,6 +152,27 @@ def test_random_resized_crop_box_stays_inside_with_valid_area() -> None:
         top, left, h, w = random_resized_crop_box(50, 70, (0.08, 1.0), (3 / 4, 4 / 3), gen)
         assert 0 <= top and top + h <= 50 and 0 <= left and left + w <= 70
         assert 0.07 * 50 * 70 <= h * w <= 50 * 70
+
+
+def test_view_draws_cover_their_ranges_and_use_a_fixed_share_of_the_generator() -> None:
+    """One torch call per view: VIEW_DRAWS numbers whatever the crop's retries, so streams stay aligned."""
+    gen, orders, flips, corners = _gen(), set(), 0, set()
+    for _ in range(3000):
+        p = draw_view(gen, 6, 5, 10.0, (0.08, 1.0), (3 / 4, 4 / 3), (0.4, 0.4, 0.4, 0.1))
+        assert -10.0 <= p.angle_deg < 10.0 and sorted(p.order) == [0, 1, 2, 3]
+        assert all(0.6 <= f < 1.4 for f in p.factors[:3]) and -0.1 <= p.factors[3] < 0.1
+        top, left, h, w = p.box
+        assert 0 <= top <= 6 - h and 0 <= left <= 5 - w
+        orders.add(p.order)
+        flips += p.flip
+        corners.add(("top", top) if h == 3 else ("left", left) if w == 3 else None)
+    assert len(orders) == 24 and 1300 < flips < 1700  # every op order; mirrored about half the time
+    # every offset of a 3-pixel side is drawn, the last ones included (inclusive upper bounds)
+    assert {("top", t) for t in range(4)} | {("left", x) for x in range(3)} <= corners
+    a, b = _gen(7), _gen(7)
+    draw_view(a, 6, 5, 10.0, (0.99, 1.0), (0.1, 0.2), (0.4, 0.4, 0.4, 0.1))  # never fits: all ten tries fail
+    torch.rand(VIEW_DRAWS, generator=b)
+    assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
 
 
 def test_hsv_round_trip_and_hue_shift_match_colorsys() -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -40,12 +39,11 @@ from .transforms import (
     IMAGENET_STD,
     JITTER,
     ROTATION_DEG,
+    TrainViewParams,
     _check_rgb,
     _need,
-    _uniform,
     decode_image,
-    draw_jitter,
-    random_resized_crop_box,
+    draw_view,
     simplejpeg,
 )
 
@@ -275,17 +273,6 @@ def _to_device(x: torch.Tensor, device: torch.device | None) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- train
-@dataclass(frozen=True)
-class TrainViewParams:
-    """One view's random draws; the box in full-resolution pixels (top, left, height, width)."""
-
-    angle_deg: float
-    box: tuple[int, int, int, int]
-    flip: bool
-    order: tuple[int, ...]  # color jitter op order, see JITTER_SLOTS
-    factors: tuple[float, ...]  # brightness, contrast, saturation factors, hue shift
-
-
 class ImagenetTrainGeometry:
     """The loader-worker half of ImagenetTrainFast: bytes -> packed uint8 views (see the module doc).
 
@@ -309,12 +296,8 @@ class ImagenetTrainGeometry:
         self.scale, self.ratio = tuple(scale), tuple(ratio)
 
     def draw(self, height: int, width: int, gen: torch.Generator) -> TrainViewParams:
-        """One view's parameters, drawn in ImagenetTrainAugment's order: angle, box, flip, jitter."""
-        angle = _uniform(gen, -self.rotation_deg, self.rotation_deg)
-        box = random_resized_crop_box(height, width, self.scale, self.ratio, gen)
-        flip = torch.rand((), generator=gen).item() < 0.5
-        order, factors = draw_jitter(gen, *self.jitter)
-        return TrainViewParams(angle, box, flip, tuple(order), tuple(factors))
+        """One view's parameters, drawn exactly as ImagenetTrainAugment draws them."""
+        return draw_view(gen, height, width, self.rotation_deg, self.scale, self.ratio, self.jitter)
 
     def views_from_bytes(self, data: bytes, views: int, gen: torch.Generator | None) -> list[torch.Tensor]:
         """`views` packed views of one image, decoded once at the scale that the largest reduction
