@@ -36,7 +36,7 @@ def test_data_ratios_apply_the_goal_to_the_main_ratio_only():
 def test_ema_benchmark_prints_every_figure_with_a_small_model():
     from benchmarks import ema
 
-    res = ema.run("resnet18", repeats=1)
+    res = ema.run("resnet18", rounds=1)
     lines = "\n".join(ema.report_lines(res))
     for label in (
         "fused teacher update",
