@@ -48,8 +48,8 @@ def build_optimizer(cfg: Config, student: nn.Module) -> torch.optim.Optimizer:
 
 def optimizer_kernel(device_type: str, optimizer: type[torch.optim.Optimizer]) -> dict[str, bool]:
     """fused=True where this torch has a fused kernel for the device (CUDA; CPU too since torch 2.4):
-    one pass over each parameter's bytes, 3.5x faster than foreach for ResNet-152 SGD on our CPU
-    (38 vs 133 ms); else foreach=True (a few multi-tensor kernels, each a pass of its own)."""
+    one pass over each parameter's bytes, 3.4x faster than foreach for ResNet-152 SGD on our CPU
+    (benchmarks/ema.py: ~40 vs ~135 ms); else foreach=True (multi-tensor kernels, a pass each)."""
     has_fused = "fused" in inspect.signature(optimizer.__init__).parameters
     if has_fused and device_type in _fused_kernel_devices():
         return {"fused": True}
