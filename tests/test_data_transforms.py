@@ -22,9 +22,9 @@ from mtdist.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     VIEW_DRAWS,
+    TrainViewRecipe,
     adjust_hue,
     color_jitter,
-    draw_view,
     hsv_to_rgb,
     random_resized_crop_box,
     rgb_to_hsv,
@@ -158,7 +158,7 @@ def test_view_draws_cover_their_ranges_and_use_a_fixed_share_of_the_generator() 
     """One torch call per view: VIEW_DRAWS numbers whatever the crop's retries, so streams stay aligned."""
     gen, orders, flips, corners = _gen(), set(), 0, set()
     for _ in range(3000):
-        p = draw_view(gen, 6, 5, 10.0, (0.08, 1.0), (3 / 4, 4 / 3), (0.4, 0.4, 0.4, 0.1))
+        p = TrainViewRecipe(10.0, (0.4, 0.4, 0.4, 0.1), (0.08, 1.0), (3 / 4, 4 / 3)).draw(gen, 6, 5)
         assert -10.0 <= p.angle_deg < 10.0 and sorted(p.order) == [0, 1, 2, 3]
         assert all(0.6 <= f < 1.4 for f in p.factors[:3]) and -0.1 <= p.factors[3] < 0.1
         top, left, h, w = p.box
@@ -170,7 +170,7 @@ def test_view_draws_cover_their_ranges_and_use_a_fixed_share_of_the_generator() 
     # every offset of a 3-pixel side is drawn, the last ones included (inclusive upper bounds)
     assert {("top", t) for t in range(4)} | {("left", x) for x in range(3)} <= corners
     a, b = _gen(7), _gen(7)
-    draw_view(a, 6, 5, 10.0, (0.99, 1.0), (0.1, 0.2), (0.4, 0.4, 0.4, 0.1))  # never fits: all ten tries fail
+    TrainViewRecipe(10.0, (0.4, 0.4, 0.4, 0.1), (0.99, 1.0), (0.1, 0.2)).draw(a, 6, 5)  # all ten tries fail
     torch.rand(VIEW_DRAWS, generator=b)
     assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
 

@@ -40,10 +40,10 @@ from .transforms import (
     JITTER,
     ROTATION_DEG,
     TrainViewParams,
+    TrainViewRecipe,
     _check_rgb,
     _need,
     decode_image,
-    draw_view,
     simplejpeg,
 )
 
@@ -292,12 +292,12 @@ class ImagenetTrainGeometry:
             raise ValueError(
                 f"need size >= 1, rotation_deg >= 0, jitter >= 0; got {size}, {rotation_deg}, {jitter}"
             )
-        self.size, self.rotation_deg, self.jitter = size, rotation_deg, tuple(jitter)
-        self.scale, self.ratio = tuple(scale), tuple(ratio)
+        self.size = size
+        self.recipe = TrainViewRecipe(rotation_deg, tuple(jitter), tuple(scale), tuple(ratio))
 
     def draw(self, height: int, width: int, gen: torch.Generator) -> TrainViewParams:
         """One view's parameters, drawn exactly as ImagenetTrainAugment draws them."""
-        return draw_view(gen, height, width, self.rotation_deg, self.scale, self.ratio, self.jitter)
+        return self.recipe.draw(gen, height, width)
 
     def views_from_bytes(self, data: bytes, views: int, gen: torch.Generator | None) -> list[torch.Tensor]:
         """`views` packed views of one image, decoded once at the scale that the largest reduction
@@ -327,7 +327,8 @@ class ImagenetTrainGeometry:
 
     def __repr__(self) -> str:
         return (
-            f"ImagenetTrainGeometry(size={self.size}, rotation_deg={self.rotation_deg}, jitter={self.jitter})"
+            f"ImagenetTrainGeometry(size={self.size}, rotation_deg={self.recipe.rotation_deg}, "
+            f"jitter={self.recipe.jitter})"
         )
 
 
@@ -376,9 +377,9 @@ class ImagenetTrainFast:
         return normalize_batch(x, self.channels_last)
 
     def __repr__(self) -> str:
-        g = self.prepare
+        r = self.prepare.recipe
         return (
-            f"ImagenetTrainFast(size={self.size}, rotation_deg={g.rotation_deg}, jitter={g.jitter}, "
+            f"ImagenetTrainFast(size={self.size}, rotation_deg={r.rotation_deg}, jitter={r.jitter}, "
             f"device={self.device}, channels_last={self.channels_last})"
         )
 

@@ -195,18 +195,13 @@ class ImagenetTrainAugment:
         scale: tuple[float, float] = CROP_SCALE,
         ratio: tuple[float, float] = CROP_RATIO,
     ) -> None:
-        self.size, self.rotation_deg, self.jitter, self.scale, self.ratio = (
-            size,
-            rotation_deg,
-            jitter,
-            scale,
-            ratio,
-        )
+        self.size = size
+        self.recipe = TrainViewRecipe(rotation_deg, tuple(jitter), tuple(scale), tuple(ratio))
 
     def __call__(self, img: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
         gen = _need(gen)
         _check_rgb(img)
-        p = draw_view(gen, img.shape[1], img.shape[2], self.rotation_deg, self.scale, self.ratio, self.jitter)
+        p = self.recipe.draw(gen, img.shape[1], img.shape[2])
         x = _resize(rotated_crop(img, p.angle_deg, *p.box), (self.size, self.size)).float().div_(255.0)
         if p.flip:
             x = x.flip(-1)
@@ -215,7 +210,8 @@ class ImagenetTrainAugment:
 
     def __repr__(self) -> str:
         return (
-            f"ImagenetTrainAugment(size={self.size}, rotation_deg={self.rotation_deg}, jitter={self.jitter})"
+            f"ImagenetTrainAugment(size={self.size}, rotation_deg={self.recipe.rotation_deg}, "
+            f"jitter={self.recipe.jitter})"
         )
 
 
@@ -282,23 +278,24 @@ class TrainViewParams:
     factors: tuple[float, ...]  # brightness, contrast, saturation factors, hue shift
 
 
-def draw_view(
-    gen: torch.Generator,
-    height: int,
-    width: int,
-    rotation_deg: float,
-    scale: tuple[float, float],
-    ratio: tuple[float, float],
-    jitter: Sequence[float],
-) -> TrainViewParams:
-    """All of one ImageNet train view's random draws, from VIEW_DRAWS uniforms drawn in one torch call
-    (a call costs ~12 us; drawing each number by itself cost ~150 us a view, 5% of a sample's time
-    in a loader worker). ImagenetTrainAugment and the fast path both draw through here."""
-    u = _uniforms(gen, VIEW_DRAWS)
-    angle = _between(u[0], -rotation_deg, rotation_deg)
-    box = _crop_box(u[2 : 2 + CROP_DRAWS], height, width, scale, ratio)
-    order, factors = _jitter(u[2 + CROP_DRAWS :], *jitter)
-    return TrainViewParams(angle, box, u[1] < 0.5, tuple(order), tuple(factors))
+@dataclass(frozen=True)
+class TrainViewRecipe:
+    """The ranges of the paper's ImageNet train view: rotation, RandomResizedCrop box, color jitter."""
+
+    rotation_deg: float = ROTATION_DEG
+    jitter: tuple[float, float, float, float] = JITTER
+    scale: tuple[float, float] = CROP_SCALE
+    ratio: tuple[float, float] = CROP_RATIO
+
+    def draw(self, gen: torch.Generator, height: int, width: int) -> TrainViewParams:
+        """All of one view's random draws, from VIEW_DRAWS uniforms drawn in one torch call (a call
+        costs ~12 us; drawing each number by itself cost ~150 us a view, 5% of a sample's time in a
+        loader worker). ImagenetTrainAugment and the fast path both draw through here."""
+        u = _uniforms(gen, VIEW_DRAWS)
+        angle = _between(u[0], -self.rotation_deg, self.rotation_deg)
+        box = _crop_box(u[2 : 2 + CROP_DRAWS], height, width, self.scale, self.ratio)
+        order, factors = _jitter(u[2 + CROP_DRAWS :], *self.jitter)
+        return TrainViewParams(angle, box, u[1] < 0.5, tuple(order), tuple(factors))
 
 
 def _center_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int, int, int]:
