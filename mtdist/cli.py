@@ -1,4 +1,5 @@
-"""The `mtdist` command: train, eval, plan, report, demo. Config: YAML plus dotted key=value overrides."""
+"""The `mtdist` command: train, eval, export, plan, report, demo. Config: YAML plus dotted key=value
+overrides."""
 
 from __future__ import annotations
 
@@ -39,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.val=other.index.json")
     _add_plan_parser(sub)
     _add_report_parser(sub)
+    export = sub.add_parser("export", help="a checkpoint's teacher or student as a .safetensors file")
+    from mtdist.export import add_arguments as add_export_arguments
+
+    add_export_arguments(export)
     shards = sub.add_parser("make-shards", help="ImageNet folders (ILSVRC-2012 layout) -> WebDataset shards")
     from mtdist.data.make_shards import add_arguments as add_make_shards_arguments
 
@@ -91,6 +96,18 @@ def plan_command(args: argparse.Namespace) -> str:
     return preflight.report(est, source)
 
 
+def export_summary(out: str, info: dict) -> str:
+    from mtdist.models.io import info_path
+
+    m, src = info["model"], info["source"]
+    return (
+        f"wrote {out} ({info['tensors']} tensors, {info['parameters']:,} parameters, {info['dtype']}, "
+        f"{info['key_names']} key names) and {info_path(out)}: the {info['which']} of {m['arch']} at step "
+        f"{src['step']}; load it with mtdist.models.load_exported({str(out)!r})\n"
+        f"BN statistics: {info['bn_statistics']}"
+    )
+
+
 def dry_run(cfg: Config, world_size: int) -> str:
     """The resolved config, the derived plan and the DeepSpeed JSON, as one YAML document."""
     from mtdist.plan import dataset_sizes, make_plan
@@ -137,6 +154,16 @@ def run(argv: list[str]) -> int:
         except (FileNotFoundError, ValueError) as err:
             print(f"mtdist report: {err}", file=sys.stderr)
             return 2
+        return 0
+    if args.command == "export":
+        from mtdist.export import run_from_args
+
+        try:
+            info = run_from_args(args)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"mtdist export: {err}", file=sys.stderr)
+            return 2
+        print(export_summary(args.out, info))
         return 0
     if args.command == "eval":
         from pathlib import Path

@@ -1,15 +1,18 @@
-"""Model zoo: every model's forward returns (logits_cls, logits_cons), each [B, num_classes]."""
+"""Model zoo: every model's forward returns (logits_cls, logits_cons), each [B, num_classes].
+
+`load_exported(path)` loads the weights `mtdist export` wrote (mtdist/models/io.py)."""
 
 from __future__ import annotations
 
 from torch import nn
 
+from mtdist.models.io import load_exported
 from mtdist.models.mlp import MLP, SmallCNN
 from mtdist.models.resnet import RESNET_ARCHS, HeadedNet, ResNet, build_resnet
 
 ARCHS: tuple[str, ...] = (*RESNET_ARCHS, "mlp", "cnn_small")
 
-__all__ = ["ARCHS", "MLP", "HeadedNet", "ResNet", "SmallCNN", "build_model"]
+__all__ = ["ARCHS", "MLP", "HeadedNet", "ResNet", "SmallCNN", "build_model", "load_exported"]
 
 
 def build_model(
