@@ -102,3 +102,12 @@ def shard_urls(cfg: Config, key: str) -> list[str]:
         return mtdata.resolve_shards(getattr(cfg.data, key))
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(f"data.{key}: {exc}") from None
+
+
+def check_shards_exist(cfg: Config) -> None:
+    """Every local shard index and shard file the config names exists: the first thing a run checks, before
+    the process group, DeepSpeed and the models start, naming the key and how to write the shards."""
+    keys = ["labeled", *(["unlabeled"] if cfg.mean_teacher.enabled else []), "val", "test"]
+    for key in keys:
+        if getattr(cfg.data, key):
+            shard_urls(cfg, key)

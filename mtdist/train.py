@@ -28,7 +28,7 @@ from mtdist.dist import DistEnv, dist_env_from_environ, init_process_group, sum_
 from mtdist.ema import Teacher, check_synchronized, flatten_parameters_
 from mtdist.engine import build_engine, init_distributed
 from mtdist.evaluate import evaluate
-from mtdist.inputs import build_train_batches, check_eval_shards, eval_batches
+from mtdist.inputs import build_train_batches, check_eval_shards, check_shards_exist, eval_batches
 from mtdist.logger import MetricsLogger, new_run_id
 from mtdist.models import build_model
 from mtdist.plan import Plan, dataset_sizes, make_plan
@@ -146,6 +146,7 @@ def set_cpu_threads(device: torch.device) -> None:
 
 
 def build_run(cfg: Config, exact_resume: bool = True) -> Run:
+    check_shards_exist(cfg)  # missing data is said before the process group, DeepSpeed and the models start
     env = dist_env_from_environ()
     device = init_process_group(env, cfg.deepspeed.backend)
     init_distributed("nccl" if device.type == "cuda" else "gloo")

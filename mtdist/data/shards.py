@@ -88,13 +88,24 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def make_shards_hint(path: str | os.PathLike, rerun: bool = False) -> str:
+    """The command that writes the shards a missing `path` belongs to (ImageNet folders -> shards)."""
+    out = Path(path).parent
+    if rerun:
+        return f"`mtdist make-shards --src IMAGENET_DIR --out {out} ...` again rewrites missing shards"
+    return (
+        f"write the shards first: `mtdist make-shards --src IMAGENET_DIR --out {out}` (with --labels-file "
+        "FILE or --labels-per-class N for train-labeled / train-unlabeled; README: ImageNet shards)"
+    )
+
+
 def read_index(path: str | os.PathLike) -> dict:
     """Load and validate a `*.index.json` written by write_shards."""
     try:
         with open(path) as f:
             index = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"shard index {path} does not exist; write it with write_shards") from None
+        raise FileNotFoundError(f"shard index {path} does not exist; {make_shards_hint(path)}") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"shard index {path} cannot be read as JSON: {exc}") from exc
     _validate_index(index, path)
@@ -143,7 +154,8 @@ def _resolve_part(part: str, spec: str) -> list[str]:
         paths = [part] if part else []
     for path in paths:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"shard {path} does not exist (from shard spec {spec!r})")
+            hint = make_shards_hint(path, rerun=True)
+            raise FileNotFoundError(f"shard {path} does not exist (from shard spec {spec!r}); {hint}")
     return paths
 
 
