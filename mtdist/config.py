@@ -103,6 +103,18 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class DistConfig:
+    # A rank with no progress (optimizer step, eval batch, checkpoint write, start-up phase) for this long
+    # writes every thread's stack to <run_dir>/hang-rank<r>.txt and exits 124, for the launch layer to
+    # requeue (mtdist.watchdog). Long enough for the slowest legitimate gap on GPUs: torch.compile's first
+    # step, a large checkpoint on a slow file system. 0 = off.
+    hang_timeout_s: float = 900.0
+    # The process group's timeout: a collective (or the start-up rendezvous) waiting this long for a
+    # dead or stuck peer fails with an error naming the step, instead of torch's 30-minute default.
+    collective_timeout_s: float = 600.0
+
+
+@dataclass
 class CheckpointConfig:
     interval_steps: int = 1000  # 0 = only at the end and on signals
     keep_last: int = 3
@@ -138,7 +150,8 @@ class ClusterConfig:
     exclusive: bool = False
     job_name: str = "mtdist"
     log_folder: str = ""  # "" = <run_dir>/slurm
-    max_requeues: int = 20
+    max_requeues: int = 20  # requeues after a signal (preemption, time limit)
+    max_failures: int = 3  # requeues after a failure (a rank crashed, hung or was lost); see mtdist.failures
     signal_delay_s: int = 120  # Slurm signals the job this long before its time limit (--signal=USR2@N)
     sbatch_extra: dict[str, str] = field(default_factory=dict)
     setup: list[str] = field(default_factory=list)  # shell lines run before the job (module load ...)
@@ -153,6 +166,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -316,6 +330,8 @@ def _check_positive(cfg: Config) -> None:
         "schedule.max_steps",
         "checkpoint.interval_steps",
         "logging.eval_interval_steps",
+        "cluster.max_failures",
+        "dist.hang_timeout_s",
     ):
         section, name = key.split(".")
         _check(getattr(getattr(cfg, section), name) >= 0, f"{key}: must be >= 0")
@@ -351,6 +367,7 @@ def validate(cfg: Config) -> None:
     )
     _check_schedule(cfg)
     _check_cluster(cfg)
+    _check(cfg.dist.collective_timeout_s > 0, "dist.collective_timeout_s: must be > 0")
     _check(cfg.optim.lr > 0, f"optim.lr: {cfg.optim.lr} must be > 0")
     _check(cfg.optim.weight_decay >= 0, "optim.weight_decay: must be >= 0")
     _check(0 <= cfg.optim.momentum < 1, f"optim.momentum: {cfg.optim.momentum} must be in [0, 1)")

@@ -93,7 +93,7 @@ def export_env(env: DistEnv) -> DistEnv:
     return DistEnv(env.rank, env.world_size, env.local_rank, env.master_addr, port)
 
 
-def init_process_group(env: DistEnv, backend: str = "auto", timeout_s: int = 1800) -> torch.device:
+def init_process_group(env: DistEnv, backend: str = "auto", timeout_s: float = 600.0) -> torch.device:
     """nccl on CUDA, gloo on CPU; returns this rank's device."""
     device = pick_device(env)
     if device.type == "cuda":

@@ -77,9 +77,25 @@ def lr_factor(cfg: Config, plan: Plan, step: int) -> float:
     return lr / cfg.optim.lr
 
 
+# DeepSpeed's comm layer JIT-builds (or checks) this op at every init_distributed, under torch's extension
+# lock file (~/.cache/torch_extensions/<py>_cpu/deepspeed_shm_comm/lock). A process killed in that window
+# leaves the file behind, and every later start on the machine (every node, with a shared home) waits for
+# it for ever. The op only speeds up DeepSpeed's inference all-reduce, which training never calls, so
+# mtdist does not build it: no extension is built at start-up, and no such lock can stop a start.
+UNUSED_OPS = ("deepspeed_shm_comm",)
+
+
 def init_distributed(backend: str) -> None:
     """Let DeepSpeed's comm layer adopt the torch process group that mtdist.dist created."""
+    skip_unused_ops()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+def skip_unused_ops() -> None:
+    """Mark UNUSED_OPS incompatible, so DeepSpeed neither builds nor loads them (it asks this table)."""
+    compatible = deepspeed.ops.__compatible_ops__  # probed once per process, then cached by DeepSpeed
+    for name in UNUSED_OPS:
+        compatible[name] = False
 
 
 def build_engine(cfg: Config, student: nn.Module, plan: Plan) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import bisect
 import logging
+import multiprocessing.context
 import multiprocessing.util  # its exit hook must be registered before ours (atexit runs last-in first)
 import random
 import signal
@@ -28,6 +29,25 @@ from .stream import ErrorBound, ShardStream, check_readers, check_skipped
 from .transforms import Transform
 
 log = logging.getLogger(__name__)
+
+# Loader workers are never forked from the training process. By the time a loader starts its workers,
+# that process has threads (gloo's, other loaders' feeder and pin threads, tqdm's monitor); a fork
+# copies any lock one of them holds at that instant, and the child can then block for ever right after
+# the fork (CPython's PyOS_AfterFork_Child), its rank waiting for it and the other ranks in a collective
+# (seen in 5 of 21 runs with frequent evaluations). A fork server is a fresh process (fork + exec) with
+# one thread that only forks workers, so every worker starts clean. Preloading the data package there
+# makes a worker cost a fork of a process that has torch imported, not a new interpreter (see
+# benchmarks/RESULTS.md for the start-up cost).
+WORKER_START_METHOD = "forkserver"
+WORKER_PRELOAD = ["mtdist.data"]
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """The multiprocessing context every mtdist DataLoader starts its workers with (see above)."""
+    ctx = multiprocessing.get_context(WORKER_START_METHOD)
+    ctx.set_forkserver_preload(WORKER_PRELOAD)  # read when the server starts (first use) only
+    return ctx
+
 
 # Stream ids mixed into the seed, so the labeled and unlabeled streams never share random draws.
 LABELED_STREAM, UNLABELED_STREAM, BATCH_AUGMENT_STREAM = 0, 1, 2
@@ -265,6 +285,7 @@ def _loader(
         pin_memory=pin_memory,
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
+        multiprocessing_context=worker_context() if num_workers > 0 else None,
         worker_init_fn=_seed_worker_globals,
         generator=torch.Generator().manual_seed(seed),
     )

@@ -1,0 +1,217 @@
+"""Failure records and the restart decision: what failed, where, and whether a restart can fix it.
+
+Every rank that fails writes one record (rank, step, phase, kind, the error's line) into
+`<run_dir>/failures/attempt-<id>/`; a rank killed outright writes none, and its absence names it.
+`<id>` is MTDIST_ATTEMPT, which the launch layer sets per Slurm run (job id and restart count). The
+launch layer then calls `settle()`, once per failed attempt: it reads the records, decides, and logs
+the decision as one line of `<run_dir>/failures.jsonl`; only the first caller of an attempt decides
+(an exclusive create), so every rank may ask. The rules, in order:
+  - a config error, a non-finite loss or corrupt data past its bound would fail again: never requeued;
+  - a run that already failed `cluster.max_failures` times is not requeued again;
+  - a failure at the same step as the previous one is a deterministic bug, not bad luck: not requeued;
+  - anything else (a crash, a lost rank, a hang, an OOM kill) is requeued, and the run resumes from
+    its latest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ATTEMPT_ENV = "MTDIST_ATTEMPT"
+# Tests only: "KIND:RANK:STEP" (KIND kill | raise | hang) makes that rank fail at that step, in every
+# attempt; "KIND:RANK:STEP:once" only until it fired once in the run folder.
+TEST_FAULT_ENV = "MTDIST_TEST_FAULT"
+# EX_DATAERR: the input (config, data, hyperparameters) is at fault; a restart would fail the same way.
+FATAL_EXIT_CODE = 65
+# The record kinds, most telling first: the cause of a failure is its most telling record.
+KINDS = ("fatal", "hang", "exception", "collective")
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    rank: int
+    world_size: int
+    attempt: str
+    step: int  # optimizer steps done when it failed
+    phase: str  # what the rank was doing (the watchdog's last beat)
+    kind: str  # one of KINDS
+    error: str  # one line
+    host: str = ""
+    time: float = 0.0
+
+    def describe(self) -> str:
+        return f"rank {self.rank} ({self.kind} at step {self.step}, in {self.phase}): {self.error}"
+
+
+@dataclass(frozen=True)
+class Decision:
+    requeue: bool
+    step: int
+    failures: int  # this run's failures, this one included
+    cause: str  # one line: which rank, what, which step; the other ranks after it
+    action: str  # one line: requeued, or why not
+
+
+def attempt_id(environ: Mapping[str, str] | None = None) -> str:
+    return (os.environ if environ is None else environ).get(ATTEMPT_ENV, "0")
+
+
+def attempt_dir(run_dir: Path, attempt: str) -> Path:
+    return Path(run_dir) / "failures" / f"attempt-{attempt}"
+
+
+def classify(exc: BaseException) -> str:
+    """The record kind of an exception raised out of training."""
+    from torch.distributed import DistError
+
+    from mtdist.config import ConfigError
+    from mtdist.data import DataError
+
+    if isinstance(exc, (ConfigError, FloatingPointError, DataError)):
+        return "fatal"
+    return "collective" if isinstance(exc, DistError) else "exception"
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:500]}"
+
+
+def write_record(run_dir: Path, record: FailureRecord) -> Path:
+    """Atomically (a reader sees a whole record or none)."""
+    folder = attempt_dir(run_dir, record.attempt)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"rank-{record.rank:05d}.json"
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(asdict(record) | {"host": socket.gethostname(), "time": time.time()}))
+    os.replace(tmp, path)
+    return path
+
+
+def read_records(run_dir: Path, attempt: str) -> list[FailureRecord]:
+    folder = attempt_dir(run_dir, attempt)
+    return [FailureRecord(**json.loads(p.read_text())) for p in sorted(folder.glob("rank-*.json"))]
+
+
+def history(run_dir: Path) -> list[dict]:
+    """This run's earlier decisions, oldest first (failures.jsonl), since the last one that stopped it:
+    a run resubmitted after a fix starts counting again."""
+    path = Path(run_dir) / "failures.jsonl"
+    if not path.is_file():
+        return []
+    decisions = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    stops = [i for i, d in enumerate(decisions) if not d["requeue"]]
+    return decisions[stops[-1] + 1 :] if stops else decisions
+
+
+def decide(
+    records: list[FailureRecord],
+    world_size: int,
+    previous: list[dict],
+    max_failures: int,
+    exit_status: int | None = None,
+) -> Decision:
+    """The restart decision for one failed attempt (pure: records and history in, decision out)."""
+    step = max((r.step for r in records), default=previous[-1]["step"] if previous else -1)
+    cause = describe_cause(records, world_size, exit_status)
+    failures = len(previous) + 1
+
+    def stop(why: str) -> Decision:
+        return Decision(False, step, failures, cause, f"not requeued: {why}")
+
+    if any(r.kind == "fatal" for r in records):
+        return stop("a restart would fail the same way; fix the config or the data and resubmit")
+    if len(previous) >= max_failures:
+        return stop(f"failure {failures} of this run, over cluster.max_failures={max_failures}")
+    if previous and step >= 0 and previous[-1]["step"] == step:
+        return stop(
+            f"it failed again at step {step}, as the previous attempt did: a deterministic bug, not bad "
+            "luck; fix it and resubmit (the checkpoints are kept)"
+        )
+    return Decision(True, step, failures, cause, f"requeued (failure {failures} of at most {max_failures})")
+
+
+def describe_cause(records: list[FailureRecord], world_size: int, exit_status: int | None = None) -> str:
+    """The most telling record first, then the others, then the ranks that left none."""
+    ordered = sorted(records, key=lambda r: (KINDS.index(r.kind), r.time))
+    missing = sorted(set(range(world_size)) - {r.rank for r in records})
+    parts = [r.describe() for r in ordered]
+    if missing:
+        ranks = ", ".join(map(str, missing))
+        dead = f"rank(s) {ranks} left no record (killed, lost with a node, or still stuck)"
+        # a rank killed outright is the likelier cause than the peers that lost it
+        parts.insert(0 if all(r.kind == "collective" for r in records) else len(parts), dead)
+    if exit_status is not None:
+        parts.append(f"exit status {exit_status}")
+    return "; ".join(parts) or "no record"
+
+
+def wait_for_records(run_dir: Path, attempt: str, world_size: int, grace_s: float) -> list[FailureRecord]:
+    """The attempt's records once every rank wrote one, or after `grace_s` (a killed rank never does)."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        records = read_records(run_dir, attempt)
+        if len(records) >= world_size or time.monotonic() >= deadline:
+            return records
+        time.sleep(0.2)
+
+
+def settle(
+    run_dir: Path,
+    attempt: str,
+    world_size: int,
+    max_failures: int,
+    grace_s: float = 5.0,
+    exit_status: int | None = None,
+) -> tuple[Decision, bool]:
+    """Decide for this attempt, once: (the decision, True if this caller made it and must act on it).
+
+    A later caller gets the decision already made, and False.
+    """
+    claim = attempt_dir(run_dir, attempt) / "decision.json"
+    if claim.is_file():
+        return Decision(**json.loads(claim.read_text())), False
+    records = wait_for_records(run_dir, attempt, world_size, grace_s)
+    decision = decide(records, world_size, history(run_dir), max_failures, exit_status)
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return Decision(**json.loads(_read_when_written(claim))), False
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(asdict(decision)))
+    with (Path(run_dir) / "failures.jsonl").open("a") as f:
+        f.write(json.dumps({"attempt": attempt, "time": time.time(), **asdict(decision)}) + "\n")
+    return decision, True
+
+
+def _read_when_written(path: Path, timeout_s: float = 5.0) -> str:
+    """The claim file's text once its creator wrote it (created and written a moment apart)."""
+    deadline = time.monotonic() + timeout_s
+    while not (text := path.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return text
+
+
+def test_fault(run_dir: Path, rank: int, step: int, environ: Mapping[str, str] | None = None) -> str:
+    """The fault TEST_FAULT_ENV asks of this rank at this step ("" for none); a `once` fault is marked
+    fired in the run folder before it fires."""
+    spec = (os.environ if environ is None else environ).get(TEST_FAULT_ENV, "")
+    if not spec:
+        return ""
+    kind, at_rank, at_step, *once = spec.split(":")
+    if (int(at_rank), int(at_step)) != (rank, step):
+        return ""
+    marker = Path(run_dir) / "failures" / f"test-fault-{kind}-{rank}-{step}"
+    if once:
+        if marker.exists():
+            return ""
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    return kind
