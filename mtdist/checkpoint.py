@@ -97,7 +97,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def signature(cfg: Config, world_size: int) -> dict[str, Any]:
     """What must match for a checkpoint to be loadable into this run exactly."""
     m, d = cfg.model, cfg.data
-    return {
+    # only when set: checkpoints made before the key existed stay loadable
+    per_gpu = {"data.batch_size_per_gpu": d.batch_size_per_gpu} if d.batch_size_per_gpu else {}
+    return per_gpu | {
         "model.arch": m.arch,
         "model.two_heads": m.two_heads,
         "model.width": m.width,

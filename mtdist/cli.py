@@ -64,11 +64,18 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
         "--measure-steps", type=int, help="measure it: this many synthetic steps of one rank on this machine"
     )
     plan.add_argument("--world-size", type=int, default=0, help="GPUs (default: nodes x gpus_per_node)")
-    plan.add_argument(
+    decode = plan.add_mutually_exclusive_group()
+    decode.add_argument(
         "--decode-per-core",
         type=float,
-        default=DEFAULT_DECODE_PER_CORE,
-        help=f"two-view images/s one CPU core decodes (default {DEFAULT_DECODE_PER_CORE:.0f})",
+        help=f"two-view images/s one CPU core decodes (default {DEFAULT_DECODE_PER_CORE:.0f}, measured by "
+        "benchmarks/data.py on the development VM: an assumption for other machines)",
+    )
+    decode.add_argument(
+        "--measure-decode",
+        type=int,
+        metavar="N",
+        help="measure it: decode N samples of the run's own shards here, as a loader worker does",
     )
     plan.add_argument(
         "--sample-bytes",
@@ -92,8 +99,20 @@ def plan_command(args: argparse.Namespace) -> str:
         speed, source = preflight.measure_images_per_s(cfg, args.world_size, args.measure_steps)
     else:
         speed, source = args.images_per_s, "given"
-    est = preflight.estimate(cfg, speed, args.world_size, args.decode_per_core, args.sample_bytes)
+    decode, decode_source = decode_rate(args, cfg)
+    est = preflight.estimate(cfg, speed, args.world_size, decode, args.sample_bytes, decode_source)
     return preflight.report(est, source)
+
+
+def decode_rate(args: argparse.Namespace, cfg: Config) -> tuple[float, str]:
+    """Two-view images/s per core for the decode estimate, and where the figure came from."""
+    from mtdist import preflight
+
+    if args.measure_decode is not None:
+        return preflight.measure_decode_per_core(cfg, args.measure_decode)
+    if args.decode_per_core is not None:
+        return args.decode_per_core, "given: --decode-per-core"
+    return preflight.DEFAULT_DECODE_PER_CORE, preflight.DEFAULT_DECODE_SOURCE
 
 
 def export_summary(out: str, info: dict) -> str:
@@ -109,15 +128,20 @@ def export_summary(out: str, info: dict) -> str:
 
 
 def dry_run(cfg: Config, world_size: int) -> str:
-    """The resolved config, the derived plan and the DeepSpeed JSON, as one YAML document."""
-    from mtdist.plan import dataset_sizes, make_plan
+    """The resolved config, the derived plan, the recipe scaled to the run's batch (each value with the rule
+    that gave it) and the DeepSpeed JSON, as one YAML document."""
+    from mtdist.plan import dataset_sizes, make_plan, scaling_report
 
-    d = cfg.data
     world = world_size or cfg.cluster.nodes * (cfg.cluster.tasks_per_node or cfg.cluster.gpus_per_node)
     plan = make_plan(cfg, world, *dataset_sizes(cfg))
-    derived = {k: v for k, v in vars(plan).items() if k != "deepspeed_config"}
-    derived["unlabeled_batch_size"] = d.batch_size - d.labeled_batch_size
-    doc = {"config": to_dict(cfg), "derived": derived, "deepspeed_config": plan.deepspeed_config}
+    derived = {k: v for k, v in vars(plan).items() if k not in ("deepspeed_config", "scaling")}
+    derived["unlabeled_batch_size"] = plan.batch_size - plan.labeled_batch_size
+    doc = {
+        "config": to_dict(cfg),
+        "derived": derived,
+        "scaling": scaling_report(cfg, plan),
+        "deepspeed_config": plan.deepspeed_config,
+    }
     return yaml.safe_dump(doc, sort_keys=False)
 
 

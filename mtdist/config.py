@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,12 @@ class DataConfig:
     noise_std: float = 0.15  # digits preset: additive Gaussian noise on the normalized image
     batch_size: int = 400  # global images per optimizer step, labeled + unlabeled
     labeled_batch_size: int = 200  # of which labeled
+    # > 0: images per GPU per micro-step instead; the global batch is then batch_size_per_gpu x ranks x
+    # deepspeed.grad_accum_steps, labeled in the share labeled_batch_size / batch_size (any world size)
+    batch_size_per_gpu: int = 0
+    # the global batch optim.lr and mean_teacher.ema_decay are stated for; a run at k = batch / reference
+    # scales them (optim.lr_scaling, mean_teacher.ema_decay_scaling); 0 = batch_size
+    reference_batch_size: int = 0
     labeled_size: int = 0  # labeled images; 0 = count them from the shard index
     unlabeled_size: int = 0  # unlabeled images (one epoch = one pass); 0 = from the index
     num_workers: int = 4  # loader worker processes per stream and rank
@@ -58,6 +65,9 @@ class ModelConfig:
     width: int = 64
     channels_last: bool = False  # CUDA only: NHWC convolutions for tensor cores
     compile: bool = False  # torch.compile student and teacher in place (first step pays the compilation)
+    # BN batch statistics over a group of ranks (student and teacher, train mode); off: each rank's own
+    sync_bn: bool = False
+    sync_bn_group_size: int = 0  # ranks per group (consecutive ranks, e.g. 8 = one node); 0 = all ranks
 
 
 @dataclass
@@ -67,7 +77,8 @@ class MeanTeacherConfig:
     consistency_weight: float = 10.0
     consistency_rampup_epochs: float = 5.0
     logit_distance_cost: float = 0.01
-    ema_decay: float = 0.9997
+    ema_decay: float = 0.9997  # at data.reference_batch_size
+    ema_decay_scaling: str = "power"  # power: ema_decay^k at k x the reference batch (Busbridge 2023) | none
     teacher_init: str = "independent"  # independent (the authors' code) | copy (of the student)
     teacher_bn: str = "own"  # own: the teacher keeps its own BN statistics per rank | average: across ranks
 
@@ -75,7 +86,9 @@ class MeanTeacherConfig:
 @dataclass
 class OptimConfig:
     name: str = "sgd"  # sgd | adamw
-    lr: float = 0.25  # peak lr for the configured global batch size
+    lr: float = 0.25  # peak lr at data.reference_batch_size (the global batch when that is 0)
+    # the rule for lr at k x the reference batch: auto (sgd linear, adamw sqrt) | linear | sqrt | none
+    lr_scaling: str = "auto"
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-5
@@ -177,6 +190,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mean_teacher.consistency": ("kl", "mse"),
     "mean_teacher.teacher_init": ("independent", "copy"),
     "mean_teacher.teacher_bn": ("own", "average"),
+    "mean_teacher.ema_decay_scaling": ("power", "none"),
+    "optim.lr_scaling": ("auto", "linear", "sqrt", "none"),
     "optim.name": ("sgd", "adamw"),
     "deepspeed.backend": ("auto", "nccl", "gloo"),
     "logging.wandb": ("offline", "online", "disabled"),
@@ -327,6 +342,9 @@ def _check_positive(cfg: Config) -> None:
         "data.num_workers",
         "data.shuffle_buffer",
         "data.error_fraction_min_samples",
+        "data.batch_size_per_gpu",
+        "data.reference_batch_size",
+        "model.sync_bn_group_size",
         "schedule.max_steps",
         "checkpoint.interval_steps",
         "logging.eval_interval_steps",
@@ -368,6 +386,11 @@ def validate(cfg: Config) -> None:
     _check_schedule(cfg)
     _check_cluster(cfg)
     _check(cfg.dist.collective_timeout_s > 0, "dist.collective_timeout_s: must be > 0")
+    _check_batch_per_gpu(cfg)
+    _check(
+        cfg.model.sync_bn or not cfg.model.sync_bn_group_size,
+        "model.sync_bn_group_size: set while model.sync_bn is false; turn sync_bn on or set the size to 0",
+    )
     _check(cfg.optim.lr > 0, f"optim.lr: {cfg.optim.lr} must be > 0")
     _check(cfg.optim.weight_decay >= 0, "optim.weight_decay: must be >= 0")
     _check(0 <= cfg.optim.momentum < 1, f"optim.momentum: {cfg.optim.momentum} must be in [0, 1)")
@@ -386,6 +409,22 @@ def validate(cfg: Config) -> None:
     )
     bad = [name for name in cfg.checkpoint.signals if name not in ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")]
     _check(not bad, f"checkpoint.signals: {bad} not allowed; use SIGUSR1, SIGUSR2, SIGTERM or SIGINT")
+
+
+def _check_batch_per_gpu(cfg: Config) -> None:
+    """data.batch_size_per_gpu must split into whole labeled and unlabeled images in the configured share
+    (a multiple of that smallest split has at least one of each, as batch_size has)."""
+    d = cfg.data
+    per_gpu = d.batch_size_per_gpu
+    if not per_gpu:
+        return
+    step = d.batch_size // math.gcd(d.batch_size, d.labeled_batch_size)  # smallest whole split
+    labeled = per_gpu * d.labeled_batch_size / d.batch_size
+    _check(
+        per_gpu % step == 0,
+        f"data.batch_size_per_gpu: {per_gpu} images in the share data.labeled_batch_size:data.batch_size = "
+        f"{d.labeled_batch_size}:{d.batch_size} gives {labeled:g} labeled per GPU; use a multiple of {step}",
+    )
 
 
 def _check_cluster(cfg: Config) -> None:

@@ -27,13 +27,22 @@ from mtdist.schedules import ema_decay
 
 class Teacher:
     def __init__(
-        self, module: nn.Module, *, decay: float, autocast_dtype: torch.dtype | None, bn_policy: str = "own"
+        self,
+        module: nn.Module,
+        *,
+        decay: float,
+        autocast_dtype: torch.dtype | None,
+        bn_policy: str = "own",
+        batch_scale: float = 1.0,
     ) -> None:
+        """`decay`: the cap of this run (already scaled to its batch); `batch_scale`: k = the run's batch /
+        the reference batch, which the warm start's step count is measured in (schedules.ema_decay)."""
         self.module = module.float()
         for p in self.module.parameters():
             p.requires_grad_(False)
         self._flat = flatten_parameters_(self.module)
         self.decay = decay
+        self.batch_scale = batch_scale
         self.autocast_dtype = autocast_dtype
         self.bn_policy = bn_policy
         self.updates = 0  # optimizer steps averaged in so far
@@ -56,13 +65,17 @@ class Teacher:
                 "module on its device and memory format first, then build the Teacher"
             )
         self.updates += 1
-        a = ema_decay(self.updates, self.decay)
+        a = self.decay_at(self.updates)
         source = self._student_source(student)
         if isinstance(source, torch.Tensor):
             self._flat.lerp_(source, 1.0 - a)
         else:
             torch._foreach_lerp_(self._params, source, 1.0 - a)
         return a
+
+    def decay_at(self, update: int) -> float:
+        """The decay of update number `update` (1 = the first)."""
+        return ema_decay(update, self.decay, self.batch_scale)
 
     def _student_source(self, student: nn.Module) -> torch.Tensor | list[torch.Tensor]:
         """The student's parameters as one flat fp32 buffer when they tile one, else as fp32 tensors.

@@ -64,13 +64,18 @@ def _fused_kernel_devices() -> list[str]:
 
 
 def lr_factor(cfg: Config, plan: Plan, step: int) -> float:
-    """lr at optimizer step `step` as a fraction of optim.lr (LambdaLR multiplies the base lr)."""
-    s = cfg.schedule
-    epoch = plan.epoch(step)
+    """lr at optimizer step `step` as a fraction of optim.lr (LambdaLR multiplies the base lr).
+
+    The schedule runs between the plan's scaled peak and warm-up start (the recipe at this run's batch,
+    mtdist.plan.batch_scaling); optim.lr itself stays the base, so the config is never rewritten.
+    """
+    s, scaling = cfg.schedule, plan.scaling
+    peak = scaling.lr if scaling is not None else cfg.optim.lr
+    start = scaling.warmup_start_lr if scaling is not None else s.warmup_start_lr
     lr = learning_rate(
-        epoch,
-        lr=cfg.optim.lr,
-        warmup_start_lr=s.warmup_start_lr,
+        plan.epoch(step),
+        lr=peak,
+        warmup_start_lr=start,
         warmup_epochs=s.warmup_epochs,
         rampdown_epochs=s.rampdown_epochs,
     )

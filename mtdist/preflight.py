@@ -2,37 +2,46 @@
 
 From a throughput per GPU (given, or measured here with a few synthetic steps of the real model
 at the real per-GPU batch) it derives the wall time and GPU-hours of the run, the bytes each node
-must read per second, and the CPU cores per GPU that decoding needs. Evaluation, checkpoints and
-start-up are not counted: the figures are a floor for the training loop.
+must read per second, and the CPU cores per GPU that decoding needs (at a decode rate given, measured
+here on the run's own shards, or the benchmark's figure, each said as such). It prints the nodes x GPUs
+and the recipe scaled to the run's batch (mtdist.plan). Evaluation, checkpoints, start-up and the
+gradient all-reduce are not counted: the figures are a floor for the training loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mtdist.config import Config, ConfigError
-from mtdist.plan import Plan, dataset_sizes, make_plan
+from mtdist.plan import Plan, dataset_sizes, make_plan, scaling_report
 
 if TYPE_CHECKING:  # torch loads only for a measurement: `mtdist plan --images-per-s` stays quick
     import torch
 
 # Mean ImageNet-1k train JPEG: the ILSVRC-2012 train set is ~140 GB for 1,281,167 images.
 DEFAULT_SAMPLE_BYTES = 110_000
-# Two-view samples (one decode, two augmented crops) per second per CPU core. FACTS.md measured on
-# a 2.5 GHz Xeon, 500x375 JPEGs: ~830 one-view images/s per core at best (webdataset raw bytes,
-# simplejpeg, torch resize), ~530 with webdataset's Pillow decoding; a second view adds a crop and
-# a resize (~0.2 ms). 1000 would be optimistic; 600 leaves room for rotation and colour jitter.
-DEFAULT_DECODE_PER_CORE = 600.0
+# Two-view samples per second per CPU core that a loader worker turns out (tar read, one decode, two
+# rotated crops resized to 224, flips, packed as uint8; colour jitter and normalisation run on the GPU).
+# An assumption for any other machine: benchmarks/data.py measured this figure for mtdist's worker half
+# on one core of the development VM (Intel Xeon 2.5 GHz, ImageNet-like JPEGs of 113 KB, 0.22 MP), see
+# benchmarks/RESULTS.md. The earlier default, 600, was a one-view estimate that left rotation out.
+DEFAULT_DECODE_PER_CORE = 168.0
+DEFAULT_DECODE_SOURCE = (
+    "assumed: benchmarks/data.py's mtdist worker half on one Xeon 2.5 GHz core (benchmarks/RESULTS.md); "
+    "--measure-decode N measures it here on the run's shards"
+)
 
 
 @dataclass(frozen=True)
 class Estimate:
     world_size: int
-    gpus_per_node: int
+    nodes: int
+    gpus_per_node: int  # on the fullest node (the last one may have fewer)
     total_steps: int
     steps_per_epoch: int
     student_images: int  # images through the student over the run (the teacher sees as many)
@@ -45,12 +54,21 @@ class Estimate:
     decode_per_core: float
     cores_per_gpu: float
     cpus_per_task: int
+    decode_source: str = DEFAULT_DECODE_SOURCE
+    scaling: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # plan.scaling_report
 
 
 def world_size(cfg: Config, override: int = 0) -> int:
     """GPUs (ranks) of the run: --world-size, else cluster.nodes x GPUs (or tasks) per node."""
     c = cfg.cluster
     return override or c.nodes * (c.tasks_per_node or c.gpus_per_node)
+
+
+def node_layout(cfg: Config, world: int) -> tuple[int, int]:
+    """(nodes, GPUs on the fullest node) for `world` ranks on nodes of cluster.gpus_per_node GPUs (or
+    tasks_per_node): 64 on 8-GPU nodes are 8 x 8; fewer ranks than a node holds are one node."""
+    per_node = cfg.cluster.tasks_per_node or cfg.cluster.gpus_per_node
+    return math.ceil(world / per_node), min(world, per_node)
 
 
 def mean_sample_bytes(spec: str) -> float | None:
@@ -93,6 +111,7 @@ def estimate(
     world: int = 0,
     decode_per_core: float = DEFAULT_DECODE_PER_CORE,
     default_sample_bytes: float = DEFAULT_SAMPLE_BYTES,
+    decode_source: str = DEFAULT_DECODE_SOURCE,
 ) -> Estimate:
     """The run's cost at `images_per_s_per_gpu` student images per second on each GPU."""
     if images_per_s_per_gpu <= 0:
@@ -101,12 +120,13 @@ def estimate(
         raise ConfigError(f"--decode-per-core: {decode_per_core} must be > 0 (two-view images/s per core)")
     n = world_size(cfg, world)
     plan = make_plan(cfg, n, *dataset_sizes(cfg))
-    images = plan.total_steps * cfg.data.batch_size
+    images = plan.total_steps * plan.batch_size
     hours = images / (images_per_s_per_gpu * n) / 3600
     per_sample, source = sample_bytes(cfg, default_sample_bytes)
-    gpus_per_node = max(1, n // cfg.cluster.nodes)
+    nodes, gpus_per_node = node_layout(cfg, n)
     return Estimate(
         world_size=n,
+        nodes=nodes,
         gpus_per_node=gpus_per_node,
         total_steps=plan.total_steps,
         steps_per_epoch=plan.steps_per_epoch,
@@ -120,6 +140,8 @@ def estimate(
         decode_per_core=decode_per_core,
         cores_per_gpu=images_per_s_per_gpu / decode_per_core,
         cpus_per_task=cfg.cluster.cpus_per_task,
+        decode_source=decode_source,
+        scaling=scaling_report(cfg, plan),
     )
 
 
@@ -217,6 +239,42 @@ def measure_images_per_s(cfg: Config, world: int, steps: int, warmup_steps: int 
     return one_rank.data.batch_size * steps / seconds, f"measured: {steps} steps on {where}, synthetic data"
 
 
+def measure_decode_per_core(cfg: Config, samples: int, warmup: int = 5) -> tuple[float, str]:
+    """Two-view samples per second that one core of this machine turns out from the run's own shards, as a
+    loader worker does (the train transform's worker half: tar read, decode, both views), timed in this
+    process's CPU seconds with one thread after `warmup` samples (file opening, lazy imports)."""
+    import torch
+
+    from mtdist import data as mtdata
+    from mtdist.dist import DistEnv
+    from mtdist.inputs import make_transforms, shard_urls
+
+    if samples < 1:
+        raise ConfigError(f"--measure-decode: {samples} must be >= 1 (samples to decode)")
+    key = "unlabeled" if cfg.mean_teacher.enabled else "labeled"
+    one_process = DistEnv(rank=0, world_size=1, local_rank=0, master_addr="", master_port=0)
+    train_tf, _ = make_transforms(cfg, one_process)
+    worker_half = train_tf.prepare if getattr(train_tf, "batched", False) else train_tf
+    stream = mtdata.ShardStream(
+        shard_urls(cfg, key), rank=0, world_size=1, seed=cfg.seed, transform=worker_half,
+        channels=cfg.data.channels, views=2, labeled=key == "labeled", infinite=True,
+    )  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        samples_iter = iter(stream)
+        for _ in range(warmup):
+            next(samples_iter)
+        start = time.process_time()
+        for _ in range(samples):
+            next(samples_iter)
+        seconds = max(time.process_time() - start, 1e-9)
+    finally:
+        torch.set_num_threads(threads)
+    where = f"{samples} samples of data.{key} ({cfg.data.augment} worker half, 1 thread, CPU time)"
+    return samples / seconds, f"measured here: {where}"
+
+
 def _sync(device: torch.device) -> None:
     import torch
 
@@ -224,12 +282,36 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _layout(est: Estimate) -> str:
+    last = est.world_size - (est.nodes - 1) * est.gpus_per_node
+    uneven = f", the last node {last}" if last != est.gpus_per_node else ""
+    nodes = f"{est.nodes} node{'s' if est.nodes > 1 else ''}"
+    return f"{est.world_size} = {nodes} x {est.gpus_per_node} GPUs{uneven}"
+
+
+def _recipe_lines(est: Estimate) -> list[str]:
+    """The batch and the recipe at it (k, lr, EMA decay), each with its rule, from plan.scaling_report."""
+    sc = est.scaling
+    if not sc:
+        return []
+    value = {name: row["value"] for name, row in sc.items()}
+    return [
+        f"batch           {value['batch_size']:,} images per step ({value['per_gpu']} per GPU); "
+        f"k = {value['k']:g} ({sc['k']['rule']})",
+        f"lr              {value['lr']:g} peak, warm-up from {value['warmup_start_lr']:g} "
+        f"({sc['lr']['rule']})",
+        f"EMA decay       {value['ema_decay']:.6g} ({sc['ema_decay']['rule']}); warm start "
+        f"{value['ema_warm_start']}; time constant {value['ema_time_constant_images']:,} images",
+    ]
+
+
 def report(est: Estimate, source: str) -> str:
     """Readable lines; each figure with its unit and where it came from."""
     enough = est.cpus_per_task >= est.cores_per_gpu
     lines = [
         f"throughput      {est.images_per_s_per_gpu:,.1f} student images/s per GPU ({source})",
-        f"GPUs            {est.world_size} ({est.gpus_per_node} per node)",
+        f"GPUs            {_layout(est)}",
+        *_recipe_lines(est),
         f"steps           {est.total_steps:,} ({est.steps_per_epoch:,} per epoch)",
         f"student images  {est.student_images:,} (the teacher forwards as many)",
         f"wall time       {est.hours:,.2f} h = {est.hours / 24:,.2f} days (training loop only)",
@@ -237,7 +319,7 @@ def report(est: Estimate, source: str) -> str:
         f"read per node   {est.bytes_per_s_per_node / 1e6:,.1f} MB/s "
         f"({est.sample_bytes / 1e3:,.1f} KB per sample; {est.sample_bytes_source})",
         f"decode cores    {est.cores_per_gpu:,.2f} per GPU at {est.decode_per_core:,.0f} two-view "
-        f"images/s per core; cluster.cpus_per_task = {est.cpus_per_task}"
+        f"images/s per core ({est.decode_source}); cluster.cpus_per_task = {est.cpus_per_task}"
         + ("" if enough else "  <- too few: the GPUs will wait"),
     ]
     return "\n".join(lines)

@@ -33,8 +33,9 @@ from mtdist.logger import MetricsLogger, new_run_id
 from mtdist.models import build_model
 from mtdist.plan import Plan, dataset_sizes, make_plan
 from mtdist.preempt import StopSignal
-from mtdist.schedules import consistency_weight, ema_decay
+from mtdist.schedules import consistency_weight
 from mtdist.step import LossWeights, train_step
+from mtdist.sync_bn import convert_sync_batchnorm
 
 log = logging.getLogger("mtdist")
 
@@ -83,8 +84,9 @@ def build_student(cfg: Config) -> nn.Module:
     )
 
 
-def build_teacher(cfg: Config, student: nn.Module, device: torch.device) -> Teacher:
-    mt = cfg.mean_teacher
+def build_teacher(cfg: Config, student: nn.Module, device: torch.device, plan: Plan) -> Teacher:
+    """The EMA teacher at the plan's decay (ema_decay scaled to this run's batch, see plan.batch_scaling)."""
+    mt, scaling = cfg.mean_teacher, plan.scaling
 
     def fresh() -> nn.Module:
         torch.manual_seed(cfg.seed + 1)  # the same independent init on every rank
@@ -94,9 +96,10 @@ def build_teacher(cfg: Config, student: nn.Module, device: torch.device) -> Teac
         student,  # already placed: a copy keeps its device and memory layout
         mt.teacher_init,
         lambda: place_model(fresh(), cfg, device),
-        decay=mt.ema_decay,
+        decay=scaling.ema_decay if scaling is not None else mt.ema_decay,
         autocast_dtype=autocast_dtype(cfg),
         bn_policy=mt.teacher_bn,
+        batch_scale=scaling.k if scaling is not None else 1.0,
     )
 
 
@@ -105,10 +108,14 @@ def place_model(module: nn.Module, cfg: Config, device: torch.device) -> nn.Modu
 
     Must run before flatten_parameters_ or Teacher(): both keep the parameters as views of one
     buffer, and a later .to() would replace the views with fresh tensors the EMA never touches.
+    model.sync_bn swaps the BN layers here too (same Parameter objects), so student and teacher both
+    take their train-mode BN statistics over the group (README: "BatchNorm at small per-GPU batches").
     """
     module = module.to(device)
     if cfg.model.channels_last and device.type == "cuda":
         module = module.to(memory_format=torch.channels_last)
+    if cfg.model.sync_bn:
+        module = convert_sync_batchnorm(module, cfg.model.sync_bn_group_size)
     return module
 
 
@@ -117,7 +124,7 @@ def build_models(cfg: Config, plan: Plan, device: torch.device) -> tuple[Any, Te
     torch.manual_seed(cfg.seed)  # identical student init on every rank
     student = place_model(build_student(cfg), cfg, device)
     flatten_parameters_(student)  # the teacher update becomes one lerp_ over a flat buffer
-    teacher = build_teacher(cfg, student, device) if cfg.mean_teacher.enabled else None
+    teacher = build_teacher(cfg, student, device, plan) if cfg.mean_teacher.enabled else None
     engine = build_engine(cfg, student, plan)
     if cfg.model.compile:
         compile_models(engine.module, teacher)
@@ -279,7 +286,7 @@ def evaluate_both(run: Run, spec: str, step: int, prefix: str) -> dict[str, floa
 def log_step(run: Run, step: int, window: Window, bar: tqdm) -> None:
     cfg, plan = run.cfg, run.plan
     elapsed = time.perf_counter() - window.start
-    images_per_s = cfg.data.batch_size * window.count / cfg.deepspeed.grad_accum_steps / elapsed
+    images_per_s = plan.batch_size * window.count / cfg.deepspeed.grad_accum_steps / elapsed
     row = window.reduce(run.device) | {
         "train/lr": run.engine.get_lr()[0],
         "train/epoch": plan.epoch(step),
@@ -292,7 +299,7 @@ def log_step(run: Run, step: int, window: Window, bar: tqdm) -> None:
     if run.teacher is None:
         del row["train/consistency_weight"]
     else:
-        row["train/ema_decay"] = ema_decay(max(run.teacher.updates, 1), cfg.mean_teacher.ema_decay)
+        row["train/ema_decay"] = run.teacher.decay_at(max(run.teacher.updates, 1))  # the plan's, scaled
         row["train/teacher_updates"] = run.teacher.updates
     run.metrics.log(step, row)
     bar.set_postfix(loss=f"{row['train/loss_total']:.3f}", img_s=f"{images_per_s:.0f}")
@@ -404,7 +411,7 @@ def main(cfg: Config) -> dict[str, float]:
             run.plan.total_steps,
             run.plan.steps_per_epoch,
             run.env.world_size,
-            cfg.data.batch_size,
+            run.plan.batch_size,
         )
         train_loop(run, stop)
         if run.state.step not in _saved_steps(run):

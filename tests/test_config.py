@@ -77,9 +77,12 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_batch_that_does_not_split_over_ranks_names_the_key():
-    cfg = load_config(FLAGSHIP)
-    with pytest.raises(ConfigError, match="data.labeled_batch_size: 200 does not split over 16 ranks"):
+    """A fixed global batch (no data.batch_size_per_gpu) that 16 ranks cannot split: one line naming the
+    key, the sizes and the nearest world sizes that work (tests/test_scaling.py has more)."""
+    cfg = load_config(FLAGSHIP, ["data.batch_size_per_gpu=0"])
+    with pytest.raises(ConfigError, match="data.labeled_batch_size: 200 does not split over 16 ranks") as err:
         make_plan(cfg, 16, 128000, 1153167)
+    assert "nearest 16: 10 and 20" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_flagship_dry_run_prints_the_recipe():
@@ -124,8 +127,12 @@ def test_flagship_dry_run_prints_the_recipe():
 
 def test_dry_run_for_other_world_sizes():
     cfg = load_config(ROOT / "configs" / "imagenet_resnext152_10pct_paper.yaml")
-    doc = yaml.safe_load(dry_run(cfg, 4))
-    assert doc["derived"]["micro_batch_per_gpu"] == 100
+    doc = yaml.safe_load(dry_run(cfg, 4))  # 50 per GPU: batch 200, half the recipe's
+    assert doc["derived"]["micro_batch_per_gpu"] == 50 and doc["derived"]["batch_size"] == 200
+    assert doc["scaling"]["k"]["value"] == 0.5 and doc["scaling"]["lr"]["value"] == 0.125
+    fixed = yaml.safe_load(dry_run(load_config(ROOT / "configs" / "imagenet_resnext152_10pct_paper.yaml",
+                                               ["data.batch_size_per_gpu=0"]), 4))  # fmt: skip
+    assert fixed["derived"]["micro_batch_per_gpu"] == 100 and fixed["scaling"]["k"]["value"] == 1.0
     assert doc["config"]["model"]["arch"] == "resnext152_32x4d"
 
 
