@@ -8,7 +8,7 @@ i.e. the ~11.5 G multiply-adds usually quoted as "GFLOPs"). A Mean Teacher step 
 student's forward + backward (3x forward) plus the teacher's forward (1x): 4x forward FLOPs per
 student image, against 3x for a supervised step, so MT / supervised is at best 0.75 in images/s.
 
-    python -m benchmarks.gpu_step                      # on a GPU machine
+    python -m benchmarks.gpu_step                      # on a GPU machine (make gpu-check: batch 50 and 128)
     python -m benchmarks.gpu_step --device cpu --arch resnet18 --size 64 --batch 8 --steps 3   # smoke
 """
 
@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import resource
 import time
+from pathlib import Path
 from typing import Any
 
 # dense bf16 tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name(); first match wins
@@ -173,6 +175,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile student and teacher")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="override the device's peak for MFU")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on CUDA")
+    p.add_argument("--json", type=Path, help="also write the figures to this file (benchmarks/gpu_check.py)")
     args = p.parse_args()
     if args.device == "cpu":  # before torch or DeepSpeed look for a GPU
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -196,6 +199,8 @@ def main() -> None:
     print("\n".join(report_lines(res)))
     for r in res["ratios"]:
         print(f"  {r['name']}: {r['value']:.3f} (goal {r['goal']})")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":
