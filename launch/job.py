@@ -10,14 +10,19 @@ import dataclasses
 import logging
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import MutableMapping
+from pathlib import Path
 from typing import Any
 
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
+from mtdist import failures
 from mtdist.config import Config
+
+log = logging.getLogger("mtdist")
 
 
 def master_port(job_id: str) -> int:
@@ -51,6 +56,11 @@ def export_dist_env(environ: MutableMapping[str, str] | None = None) -> dict[str
     return values
 
 
+def attempt_of(job: Any) -> str:
+    """This run of the job: its id and how often Slurm restarted it (failure records are kept per run)."""
+    return f"{job.job_id}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+
+
 def with_resume(cfg: Config) -> Config:
     return dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume="auto"))
 
@@ -70,6 +80,17 @@ def _setup_logging(rank: int) -> None:
     log.propagate = False
 
 
+def resume_when_restarted(submitted_pickle: Path, cfg: Config) -> None:
+    """The restarted job resumes the run folder, whatever checkpoint.resume it was submitted with; the
+    submission keeps its time-out bookkeeping (as submitit's own checkpoint requeue does)."""
+    from submitit.core.utils import temporary_save_path
+
+    delayed = DelayedSubmission.load(submitted_pickle)
+    delayed.function = TrainJob(with_resume(cfg))
+    with temporary_save_path(submitted_pickle) as tmp:
+        delayed.dump(tmp)
+
+
 class TrainJob(Checkpointable):
     """`mtdist.train.main(cfg)` on every task; requeued with `checkpoint.resume=auto` when interrupted.
 
@@ -79,6 +100,12 @@ class TrainJob(Checkpointable):
     handler outside signal context: on rank 0 it calls checkpoint() below, requeues and exits; on the
     other ranks it returns and the loop raises Preempted. With SIGUSR2 left out of checkpoint.signals,
     submitit's handler runs at once instead and the run resumes from its last periodic checkpoint.
+
+    submitit requeues on those signals only. A failure (an exception on any rank; a hang, which the
+    rank's watchdog ends; a rank killed outright, whose peers' collectives then fail) goes to recover():
+    the job is requeued up to cluster.max_failures times and resumes from its latest complete
+    checkpoint, unless mtdist.failures rules a restart out (a config error, a non-finite loss, the same
+    step failing twice).
     """
 
     def __init__(self, cfg: Config) -> None:
@@ -86,17 +113,36 @@ class TrainJob(Checkpointable):
 
     def __call__(self) -> dict[str, float]:
         _setup_logging(int(export_dist_env()["RANK"]))
+        os.environ[failures.ATTEMPT_ENV] = attempt_of(submitit.JobEnvironment())
         from mtdist import train  # torch and deepspeed: imported on the cluster only
         from mtdist.preempt import REQUEUE_EXIT_CODE, Preempted
 
         try:
-            return train.main(self.cfg)
+            return train.main(self.cfg, on_hang=lambda _: self.recover())
         except Preempted as err:
             # Exit without a result file: an error result here would read as a failed task until
             # the requeued run overwrites it. Slurm's requeue (ours on rank 0, or its own after a
             # preemption) restarts every task.
-            logging.getLogger("mtdist").warning("%s; exiting for requeue", err)
+            log.warning("%s; exiting for requeue", err)
             sys.exit(REQUEUE_EXIT_CODE)
+        except Exception:
+            if not self.recover():
+                raise  # submitit records the error: the job is over
+            log.exception("failed; the job is requeued and resumes from its latest checkpoint")
+            sys.exit(1)  # without a result file, as above
+
+    def recover(self) -> bool:
+        """After this rank failed: True if the job is requeued. The first failed rank to get here decides
+        (mtdist.failures.settle), logs the decision and requeues; Slurm then ends every task."""
+        job = submitit.JobEnvironment()
+        run_dir, max_failures = Path(self.cfg.logging.run_dir), self.cfg.cluster.max_failures
+        decision, mine = failures.settle(run_dir, attempt_of(job), job.num_tasks, max_failures)
+        if mine:
+            log.error("job %s failed: %s; %s", job.job_id, decision.cause, decision.action)
+        if mine and decision.requeue:
+            resume_when_restarted(job.paths.submitted_pickle, self.cfg)
+            subprocess.run(["scontrol", "requeue", str(job.job_id)], check=True, timeout=60)
+        return decision.requeue
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
         """Called by submitit on rank 0 before it requeues: the restarted job resumes the run folder."""

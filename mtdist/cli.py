@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     from mtdist.data.make_shards import add_arguments as add_make_shards_arguments
 
     add_make_shards_arguments(shards)
+    _add_recover_parser(sub)
     demo = sub.add_parser("demo", help="supervised-only vs Mean Teacher on MNIST-5k, 10%% labels")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. seeds=[0] steps=2000")
     return p
@@ -84,6 +85,30 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
         help=f"bytes per sample where the shard index cannot tell (default {DEFAULT_SAMPLE_BYTES:,})",
     )
     plan.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def _add_recover_parser(sub: argparse._SubParsersAction) -> None:
+    about = "after a failed run (slurm/train.sbatch): exit 0 if it should be requeued, 1 if not (see why)"
+    recover = sub.add_parser("recover", help=about)
+    recover.add_argument("--config", required=True, help="the failed run's config file")
+    recover.add_argument("--world-size", type=int, required=True, help="the failed run's ranks")
+    recover.add_argument("--exit-status", type=int, required=True, help="the failed run's exit status")
+    recover.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def recover_command(args: argparse.Namespace) -> int:
+    """The restart decision for this attempt (MTDIST_ATTEMPT) of the configured run, printed in one line."""
+    from pathlib import Path
+
+    from mtdist import failures
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir, attempt = Path(cfg.logging.run_dir), failures.attempt_id()
+    decision, _ = failures.settle(
+        run_dir, attempt, args.world_size, cfg.cluster.max_failures, 0.0, args.exit_status
+    )
+    print(f"mtdist: run failed: {decision.cause}; {decision.action}", flush=True)
+    return 0 if decision.requeue else 1
 
 
 def _add_report_parser(sub: argparse._SubParsersAction) -> None:
@@ -189,6 +214,8 @@ def run(argv: list[str]) -> int:
             return 2
         print(export_summary(args.out, info))
         return 0
+    if args.command == "recover":
+        return recover_command(args)
     if args.command == "eval":
         from pathlib import Path
 
@@ -215,6 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as err:
         print(f"mtdist: {err}; exit {REQUEUE_EXIT_CODE} = requeue me", file=sys.stderr)
         return REQUEUE_EXIT_CODE
+    except Exception as err:
+        from mtdist import failures
+
+        if failures.classify(err) != "fatal":
+            raise  # the traceback; the launch layer may restart the run
+        print(f"mtdist: {failures.one_line(err)} (a restart would fail the same way)", file=sys.stderr)
+        return failures.FATAL_EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -29,8 +29,10 @@ ATTEMPT_ENV = "MTDIST_ATTEMPT"
 TEST_FAULT_ENV = "MTDIST_TEST_FAULT"
 # EX_DATAERR: the input (config, data, hyperparameters) is at fault; a restart would fail the same way.
 FATAL_EXIT_CODE = 65
+CONFIG_ERROR_EXIT_CODE = 2  # mtdist.cli: a config error, before training started
 # The record kinds, most telling first: the cause of a failure is its most telling record.
 KINDS = ("fatal", "hang", "exception", "collective")
+COLLECTIVE_ERROR_WORDS = ("gloo/transport", "NCCL", "ProcessGroup", "Connection closed by peer")
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,9 @@ def classify(exc: BaseException) -> str:
 
     if isinstance(exc, (ConfigError, FloatingPointError, DataError)):
         return "fatal"
-    return "collective" if isinstance(exc, DistError) else "exception"
+    # gloo reports a lost peer as a plain RuntimeError from its transport
+    lost_peer = isinstance(exc, RuntimeError) and any(word in str(exc) for word in COLLECTIVE_ERROR_WORDS)
+    return "collective" if isinstance(exc, DistError) or lost_peer else "exception"
 
 
 def one_line(exc: BaseException) -> str:
@@ -99,15 +103,20 @@ def read_records(run_dir: Path, attempt: str) -> list[FailureRecord]:
     return [FailureRecord(**json.loads(p.read_text())) for p in sorted(folder.glob("rank-*.json"))]
 
 
-def history(run_dir: Path) -> list[dict]:
-    """This run's earlier decisions, oldest first (failures.jsonl), since the last one that stopped it:
-    a run resubmitted after a fix starts counting again."""
+def decisions(run_dir: Path) -> list[dict]:
+    """Every decision about this run folder, oldest first (failures.jsonl)."""
     path = Path(run_dir) / "failures.jsonl"
     if not path.is_file():
         return []
-    decisions = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    stops = [i for i, d in enumerate(decisions) if not d["requeue"]]
-    return decisions[stops[-1] + 1 :] if stops else decisions
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def history(run_dir: Path) -> list[dict]:
+    """The decisions since the last one that stopped the run: a run resubmitted after a fix starts
+    counting its failures again."""
+    decisions_ = decisions(run_dir)
+    stops = [i for i, d in enumerate(decisions_) if not d["requeue"]]
+    return decisions_[stops[-1] + 1 :] if stops else decisions_
 
 
 def decide(
@@ -125,7 +134,7 @@ def decide(
     def stop(why: str) -> Decision:
         return Decision(False, step, failures, cause, f"not requeued: {why}")
 
-    if any(r.kind == "fatal" for r in records):
+    if any(r.kind == "fatal" for r in records) or exit_status in (FATAL_EXIT_CODE, CONFIG_ERROR_EXIT_CODE):
         return stop("a restart would fail the same way; fix the config or the data and resubmit")
     if len(previous) >= max_failures:
         return stop(f"failure {failures} of this run, over cluster.max_failures={max_failures}")
@@ -153,11 +162,13 @@ def describe_cause(records: list[FailureRecord], world_size: int, exit_status: i
 
 
 def wait_for_records(run_dir: Path, attempt: str, world_size: int, grace_s: float) -> list[FailureRecord]:
-    """The attempt's records once every rank wrote one, or after `grace_s` (a killed rank never does)."""
+    """The attempt's records once one names a cause (anything but a lost peer) or every rank wrote one,
+    else after `grace_s`: a rank killed outright never writes, and its peers only saw it go."""
     deadline = time.monotonic() + grace_s
     while True:
         records = read_records(run_dir, attempt)
-        if len(records) >= world_size or time.monotonic() >= deadline:
+        caused = any(r.kind != "collective" for r in records)
+        if caused or len(records) >= world_size or time.monotonic() >= deadline:
             return records
         time.sleep(0.2)
 

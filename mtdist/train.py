@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,10 @@ import torch.distributed as torch_dist
 from torch import nn
 from tqdm import tqdm
 
-from mtdist import checkpoint
+from mtdist import checkpoint, failures
 from mtdist.checkpoint import TrainState
 from mtdist.config import Config, load_config_dict, save_config, to_dict
+from mtdist.data import EvalBatches
 from mtdist.dist import DistEnv, dist_env_from_environ, init_process_group, sum_over_ranks
 from mtdist.ema import Teacher, check_synchronized, flatten_parameters_
 from mtdist.engine import build_engine, init_distributed
@@ -32,10 +34,11 @@ from mtdist.inputs import build_train_batches, check_eval_shards, check_shards_e
 from mtdist.logger import MetricsLogger, new_run_id
 from mtdist.models import build_model
 from mtdist.plan import Plan, dataset_sizes, make_plan
-from mtdist.preempt import StopSignal
+from mtdist.preempt import Preempted, StopSignal
 from mtdist.schedules import consistency_weight
 from mtdist.step import LossWeights, train_step
 from mtdist.sync_bn import convert_sync_batchnorm
+from mtdist.watchdog import Watchdog
 
 log = logging.getLogger("mtdist")
 
@@ -54,6 +57,15 @@ class Run:
     run_dir: Path
     metrics: MetricsLogger
     state: TrainState
+    watchdog: Watchdog
+    # One eval loader per split, built at its first evaluation and reused (persistent workers): no
+    # worker start per evaluation (see mtdist.data.loader.worker_context for why that matters).
+    eval_loaders: dict[str, EvalBatches] = field(default_factory=dict)
+
+    def eval_batches(self, spec: str) -> EvalBatches:
+        if spec not in self.eval_loaders:
+            self.eval_loaders[spec] = eval_batches(self.cfg, self.env, spec)
+        return self.eval_loaders[spec]
 
     @property
     def checkpoint_root(self) -> Path:
@@ -152,10 +164,13 @@ def set_cpu_threads(device: torch.device) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
 
-def build_run(cfg: Config, exact_resume: bool = True) -> Run:
+def build_run(cfg: Config, exact_resume: bool = True, watchdog: Watchdog | None = None) -> Run:
+    """Process group, models, resumed state, logger and train batches; `watchdog` hears each phase."""
     check_shards_exist(cfg)  # missing data is said before the process group, DeepSpeed and the models start
     env = dist_env_from_environ()
-    device = init_process_group(env, cfg.deepspeed.backend)
+    watchdog = watchdog or Watchdog(0, Path(cfg.logging.run_dir), env.rank)
+    watchdog.beat("start-up: process group rendezvous")
+    device = init_process_group(env, cfg.deepspeed.backend, cfg.dist.collective_timeout_s)
     init_distributed("nccl" if device.type == "cuda" else "gloo")
     set_cpu_threads(device)
     set_backend_flags(device)
@@ -164,9 +179,12 @@ def build_run(cfg: Config, exact_resume: bool = True) -> Run:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     plan = make_plan(cfg, env.world_size, *dataset_sizes(cfg))
+    watchdog.beat("start-up: building the models and the DeepSpeed engine")
     engine, teacher = build_models(cfg, plan, device)
     torch.manual_seed(cfg.seed * 1_000_003 + env.rank)  # dropout differs per rank, as its data does
+    watchdog.beat("start-up: loading the checkpoint")
     state, data_position = resume(cfg, env, engine, teacher, run_dir / "checkpoints", exact_resume)
+    watchdog.beat("start-up: logger and loaders", state.step)
     metrics = MetricsLogger(run_dir, env.is_main)
     metrics.start_wandb(
         cfg.logging.wandb, cfg.logging.wandb_project, state.wandb_run_id, to_dict(cfg), run_dir
@@ -176,7 +194,7 @@ def build_run(cfg: Config, exact_resume: bool = True) -> Run:
     batches = build_train_batches(
         cfg, env, plan, state.step * cfg.deepspeed.grad_accum_steps, data_position.get("skipped")
     )
-    return Run(cfg, env, device, plan, engine, teacher, batches, run_dir, metrics, state)
+    return Run(cfg, env, device, plan, engine, teacher, batches, run_dir, metrics, state, watchdog)
 
 
 def resume(
@@ -210,6 +228,7 @@ def resume(
 
 def save_checkpoint(run: Run) -> Path:
     """All ranks: DeepSpeed state + per-rank teacher, BN buffers and RNG; atomic (see checkpoint.py)."""
+    run.watchdog.beat("checkpoint save (gather and write)")
     if run.teacher is not None:
         run.teacher.sync_buffers()
     rank_state = {
@@ -219,9 +238,11 @@ def save_checkpoint(run: Run) -> Path:
         "data": run.train_batches.state_dict(run.state.step * run.cfg.deepspeed.grad_accum_steps),
     }
     meta = checkpoint.make_meta(run.cfg, run.state, run.env.world_size)
-    return checkpoint.save(
+    folder = checkpoint.save(
         run.checkpoint_root, run.engine, rank_state, meta, run.state.step, run.cfg.checkpoint.keep_last
     )
+    run.watchdog.beat("training, after a checkpoint save")
+    return folder
 
 
 def to_device(batch: tuple[torch.Tensor, ...], run: Run) -> tuple[torch.Tensor, ...]:
@@ -270,11 +291,13 @@ def evaluate_both(run: Run, spec: str, step: int, prefix: str) -> dict[str, floa
     cl = run.cfg.model.channels_last and run.device.type == "cuda"
     models = {"student": run.engine.module}
     if run.teacher is not None:
+        run.watchdog.beat(f"{prefix}: teacher sync check (all_gather of hashes)")
         run.teacher.sync_buffers()
         check_synchronized(run.teacher, step)
         models["teacher"] = run.teacher.module
-    batches = eval_batches(run.cfg, run.env, spec)
-    for name, res in evaluate(models, batches, run.device, run.autocast_dtype, cl).items():
+    batches = run.eval_batches(spec)
+    beating = run.watchdog.beating(batches, f"{prefix}: evaluation batches and the all_reduce of counts")
+    for name, res in evaluate(models, beating, run.device, run.autocast_dtype, cl).items():
         out |= {f"{prefix}/{name}/top1": res["top1"], f"{prefix}/{name}/top5": res["top5"]}
         out[f"{prefix}/count"] = res["count"]
     # corrupt samples dropped in the pass, summed over ranks
@@ -353,6 +376,8 @@ def train_loop(run: Run, stop: StopSignal | None = None) -> None:
     )
     window = Window()
     for step in range(run.state.step, plan.total_steps):
+        run.watchdog.beat("train step (next batch, forward, backward, gradient all_reduce)", step)
+        inject_test_fault(run.run_dir, run.env.rank, step)
         weights = loss_weights(cfg, plan.epoch(step))
         for _ in range(cfg.deepspeed.grad_accum_steps):
             terms, _ = train_step(
@@ -362,6 +387,7 @@ def train_loop(run: Run, stop: StopSignal | None = None) -> None:
         run.state.step = done = step + 1
         bar.update(1)
         if done % cfg.logging.log_interval_steps == 0 or done == plan.total_steps:
+            run.watchdog.beat("logging (all_reduce of metrics)", done)
             log_step(run, done, window, bar)
             window = Window()
         new_best = False
@@ -369,6 +395,7 @@ def train_loop(run: Run, stop: StopSignal | None = None) -> None:
             scores = evaluate_both(run, cfg.data.val, done, "eval")
             run.metrics.log(done, scores)
             new_best = cfg.checkpoint.keep_best and run.state.note_eval(best_top1(scores), done)
+        run.watchdog.beat("stop-signal check (all_reduce)", done)
         if stop is not None and stop.requested(run.device):
             save_checkpoint(run)
             bar.close()
@@ -397,14 +424,24 @@ def final_results(run: Run) -> dict[str, float]:
     return out
 
 
-def main(cfg: Config) -> dict[str, float]:
+def main(cfg: Config, on_hang: Callable[[Watchdog], None] | None = None) -> dict[str, float]:
     """Train as configured (resuming when checkpoint.resume finds a checkpoint); the final metrics.
 
-    A stop signal (checkpoint.signals) ends it early with a checkpoint and raises Preempted.
+    A stop signal (checkpoint.signals) ends it early with a checkpoint and raises Preempted. A failure
+    is recorded for the launch layer (mtdist.failures) and raised; a hang is recorded, then `on_hang`
+    runs (in the watchdog thread) and the process exits with HANG_EXIT_CODE (mtdist.watchdog).
     """
+    env = dist_env_from_environ()
+
+    def hung(w: Watchdog) -> None:
+        record_failure(cfg, env, w, "hang", f"no progress for {w.timeout_s:g} s; stacks in {w.stack_file}")
+        if on_hang is not None:
+            on_hang(w)
+
+    watchdog = Watchdog(cfg.dist.hang_timeout_s, Path(cfg.logging.run_dir), env.rank, on_hang=hung)
     stop = StopSignal(cfg.checkpoint.signals)
     try:
-        run = build_run(cfg)
+        run = build_run(cfg, watchdog=watchdog.start())
         log.info(
             "training steps %d..%d (%d per epoch) on %d rank(s), %d images per step",
             run.state.step,
@@ -418,9 +455,43 @@ def main(cfg: Config) -> dict[str, float]:
             save_checkpoint(run)
         results = final_results(run)
         run.metrics.close()
+    except Preempted:
+        raise
+    except Exception as exc:
+        record_failure(cfg, env, watchdog, failures.classify(exc), failures.one_line(exc))
+        exc.add_note(f"mtdist: rank {env.rank} failed at step {watchdog.step}, in {watchdog.what}")
+        raise
     finally:
+        watchdog.stop()
         stop.restore()
     return results
+
+
+def record_failure(cfg: Config, env: DistEnv, watchdog: Watchdog, kind: str, error: str) -> None:
+    """This rank's failure record (mtdist.failures), for the launch layer's restart decision."""
+    attempt = failures.attempt_id()
+    record = failures.FailureRecord(
+        env.rank, env.world_size, attempt, watchdog.step, watchdog.what, kind, error
+    )
+    path = failures.write_record(Path(cfg.logging.run_dir), record)
+    log.error("rank %d failed: %s (recorded in %s)", env.rank, record.describe(), path)
+
+
+def inject_test_fault(run_dir: Path, rank: int, step: int) -> None:
+    """failures.TEST_FAULT_ENV, for the failure tests only: kill, raise or hang on one rank at a step."""
+    fault = failures.test_fault(run_dir, rank, step)
+    if fault == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif fault == "raise":
+        raise RuntimeError(f"test fault: rank {rank} raises at step {step}")
+    elif fault == "hang":
+        _hang_for_the_test()
+
+
+def _hang_for_the_test() -> None:
+    """A rank that stops making progress: the watchdog's stack file names this frame."""
+    while True:
+        time.sleep(1)
 
 
 def _saved_steps(run: Run) -> set[int]:

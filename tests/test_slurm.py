@@ -25,6 +25,8 @@ from checkpoint_state import assert_bitwise_equal, final_state
 from conftest import ROOT, TINY, shard_overrides
 
 from launch.job import requeue_signal
+from mtdist.checkpoint import tag_for as checkpoint_tag
+from mtdist.failures import TEST_FAULT_ENV, decisions
 from mtdist.logger import read_metrics
 
 if TYPE_CHECKING:
@@ -59,18 +61,25 @@ def launch(args: list[str], cluster: SlurmCluster) -> subprocess.CompletedProces
     )
 
 
-def check_trained(run_dir: Path, world_size: int, max_steps: int = 4) -> None:
-    """Every step logged once (a restart from scratch would log the first steps again)."""
-    rows = read_metrics(run_dir)
+def check_trained(run_dir: Path, world_size: int, max_steps: int = 4, redone: tuple[int, ...] = ()) -> None:
+    """Every step logged once (a restart from scratch would log the first steps again), except the steps
+    `redone` after a failure (those since the last checkpoint), logged again with the same values."""
+    rows = [_without_timings(r) for r in read_metrics(run_dir)]
     train = [r for r in rows if "train/loss_total" in r]
-    assert [r["step"] for r in train] == list(range(2, max_steps + 1, 2))
+    expected = sorted([*range(2, max_steps + 1, 2), *redone])
+    assert [r["step"] for r in train] == expected
     assert {r["system/world_size"] for r in train} == {world_size}
-    evals = [
-        r["step"] for r in rows if "eval/teacher/top1" in r
-    ]  # the teacher's rank-sync is checked at each
-    assert evals == list(range(2, max_steps + 1, 2))
+    evals = [r for r in rows if "eval/teacher/top1" in r]  # the teacher's rank-sync is checked at each
+    assert [r["step"] for r in evals] == expected
+    for step in redone:  # exact resume: the redone steps repeat their losses and scores bitwise
+        assert len({json.dumps(r, sort_keys=True) for r in train + evals if r["step"] == step}) == 2
     final = json.loads((run_dir / "final.json").read_text())
     assert final["step"] == max_steps and final["val/count"] == 120  # every val image once across ranks
+
+
+def _without_timings(row: dict) -> dict:
+    timings = ("time", "data/images_per_s", "system/step_time_s", "system/rss_gb")
+    return {k: v for k, v in row.items() if k not in timings}
 
 
 def job_id_of(stdout: str) -> str:
@@ -299,3 +308,152 @@ def test_impossible_request_is_refused_with_slurms_reason(
     assert len(lines) == 1 and lines[0].startswith("launch: Slurm refused the job: "), proc.stderr
     assert reason in lines[0] and "partitions: debug*: 2 nodes, 4 CPUs" in lines[0]
     assert not list((tmp_path / "run").glob("slurm/*_submission.sh"))  # refused before submission
+
+
+# ---------------------------------------------------------------- failures: requeued by the job itself
+
+FAULT_STEP = 6  # after the checkpoint of step 4 (checkpoint.interval_steps=4), before the one of step 8
+
+
+def fault_overrides(shards: dict[str, str], run_dir: Path, *extra: str) -> list[str]:
+    return [
+        *train_overrides(shards, run_dir, max_steps=SIGNAL_STEPS),
+        "checkpoint.interval_steps=4",
+        "dist.hang_timeout_s=20",
+        *extra,
+    ]
+
+
+def launch_with_fault(
+    fault: str, run_dir: Path, cluster: SlurmCluster, overrides: list[str]
+) -> tuple[str, subprocess.CompletedProcess]:
+    env = cluster.env | {TEST_FAULT_ENV: fault}
+    cmd = [sys.executable, "-m", "launch.submit", "--config", str(TINY), *overrides, *cluster_overrides(1)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=JOB_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr
+    return job_id_of(proc.stdout), proc
+
+
+def check_recovered(
+    run_dir: Path, job_id: str, cluster: SlurmCluster, uninterrupted: Path, log: Path
+) -> dict:
+    """The job requeued itself once after the failure, resumed from step 4 and ended with the weights of
+    the uninterrupted job; returns the decision it logged."""
+    state = cluster.wait(job_id, JOB_TIMEOUT_S)
+    assert state == "COMPLETED", log.read_text()[-6000:] if log.is_file() else state
+    assert cluster.states(job_id) == ["REQUEUED", "COMPLETED"]
+    (decision,) = decisions(run_dir)
+    assert decision["requeue"] and decision["step"] == FAULT_STEP, decision
+    assert decision["attempt"] == f"{job_id}.0"
+    assert "resumed from " in log.read_text() and checkpoint_tag(4) in log.read_text()
+    check_trained(run_dir, world_size=2, max_steps=SIGNAL_STEPS, redone=(FAULT_STEP,))
+    assert_bitwise_equal(final_state(run_dir, SIGNAL_STEPS, 2), final_state(uninterrupted, SIGNAL_STEPS, 2))
+    report_recovery_times(run_dir, job_id, decision)
+    return decision
+
+
+def report_recovery_times(run_dir: Path, job_id: str, decision: dict) -> None:
+    """Printed for the record (pytest -s): the failure -> the job's end -> the resumed run's first step."""
+    failed_at = min(p.stat().st_mtime for p in (run_dir / "failures").glob("test-fault-*"))
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-D", "-P", "-j", job_id, "-o", "End"], capture_output=True, text=True
+    ).stdout.split()
+    ended = time.mktime(time.strptime(out[0], "%Y-%m-%dT%H:%M:%S"))
+    resumed = min(r["time"] for r in read_metrics(run_dir) if r["time"] > decision["time"])
+    print(
+        f"\n[recovery] job {job_id}: failure -> decision {decision['time'] - failed_at:.1f} s, "
+        f"-> job end {ended - failed_at:.0f} s (sacct, 1 s resolution), "
+        f"-> first metrics row of the resumed run {resumed - failed_at:.1f} s"
+    )
+
+
+def test_submitit_job_requeues_itself_after_a_rank_is_killed(
+    slurm_cluster, mnist_shards, tmp_path, uninterrupted
+):
+    """SIGKILL of rank 1's training process between two checkpoints (an OOM kill): rank 0's next
+    collective fails, rank 0 finds no record from rank 1, decides and requeues the job; the restarted
+    job resumes from the checkpoint of step 4 and ends with the uninterrupted job's weights, bitwise."""
+    run_dir = tmp_path / "run"
+    job_id, _ = launch_with_fault(
+        f"kill:1:{FAULT_STEP}:once", run_dir, slurm_cluster, fault_overrides(mnist_shards, run_dir)
+    )
+    decision = check_recovered(
+        run_dir, job_id, slurm_cluster, uninterrupted, run_dir / "slurm" / f"{job_id}_0_log.err"
+    )
+    assert decision["cause"].startswith("rank(s) 1 left no record"), decision
+
+
+def test_submitit_job_requeues_itself_after_an_exception_on_one_rank(
+    slurm_cluster, mnist_shards, tmp_path, uninterrupted
+):
+    run_dir = tmp_path / "run"
+    job_id, _ = launch_with_fault(
+        f"raise:1:{FAULT_STEP}:once", run_dir, slurm_cluster, fault_overrides(mnist_shards, run_dir)
+    )
+    decision = check_recovered(
+        run_dir, job_id, slurm_cluster, uninterrupted, run_dir / "slurm" / f"{job_id}_0_log.err"
+    )
+    assert decision["cause"].startswith(f"rank 1 (exception at step {FAULT_STEP}, in train step"), decision
+    assert "RuntimeError: test fault: rank 1 raises at step 6" in decision["cause"]
+
+
+def test_submitit_job_requeues_itself_after_a_rank_hangs(
+    slurm_cluster, mnist_shards, tmp_path, uninterrupted
+):
+    """Rank 1 stops making progress: its watchdog writes the stacks (naming the stuck frame), records the
+    hang and the job is requeued; the restarted job ends with the uninterrupted job's weights."""
+    run_dir = tmp_path / "run"
+    job_id, _ = launch_with_fault(
+        f"hang:1:{FAULT_STEP}:once", run_dir, slurm_cluster, fault_overrides(mnist_shards, run_dir)
+    )
+    decision = check_recovered(
+        run_dir, job_id, slurm_cluster, uninterrupted, run_dir / "slurm" / f"{job_id}_0_log.err"
+    )
+    assert f"rank 1 (hang at step {FAULT_STEP}" in decision["cause"], decision
+    stacks = (run_dir / "hang-rank00001.txt").read_text()
+    assert "in _hang_for_the_test" in stacks and "in train_loop" in stacks
+
+
+def test_a_failure_at_the_same_step_twice_ends_the_job(slurm_cluster, mnist_shards, tmp_path):
+    """Rank 1 raises at step 6 in every run (a deterministic bug): requeued once, then the job ends with
+    the decision's message instead of looping."""
+    run_dir = tmp_path / "run"
+    job_id, _ = launch_with_fault(
+        f"raise:1:{FAULT_STEP}", run_dir, slurm_cluster, fault_overrides(mnist_shards, run_dir)
+    )
+    log = run_dir / "slurm" / f"{job_id}_0_log.err"
+    assert slurm_cluster.wait(job_id, JOB_TIMEOUT_S) == "FAILED", log.read_text()[-5000:]
+    assert slurm_cluster.states(job_id) == ["REQUEUED", "FAILED"]
+    first, second = decisions(run_dir)
+    assert first["requeue"] and not second["requeue"]
+    assert second["action"].startswith(f"not requeued: it failed again at step {FAULT_STEP}, as the previous")
+    logs = "".join(p.read_text() for p in (run_dir / "slurm").glob(f"{job_id}_*_log.err"))
+    assert f"job {job_id} failed: rank 1 (exception at step {FAULT_STEP}" in logs
+    assert "a deterministic bug, not bad luck" in logs
+
+
+def test_sbatch_script_requeues_the_job_after_a_rank_is_killed(
+    slurm_cluster, mnist_shards, tmp_path, uninterrupted
+):
+    """slurm/train.sbatch: rank 1 SIGKILLed between two checkpoints; srun ends the tasks, `mtdist
+    recover` decides, the script requeues, and the restarted job ends with the uninterrupted weights."""
+    run_dir = tmp_path / "run"
+    cmd = [
+        "sbatch",
+        "--parsable",
+        *("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10", "--gpus-per-node=0"),
+        f"--output={tmp_path}/%j.out",
+        "slurm/train.sbatch",
+        str(TINY),
+        *fault_overrides(mnist_shards, run_dir),
+    ]
+    env = slurm_cluster.env | {TEST_FAULT_ENV: f"kill:1:{FAULT_STEP}:once"}
+    submitted = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    log = tmp_path / f"{job_id}.out"
+    decision = check_recovered(run_dir, job_id, slurm_cluster, uninterrupted, log)
+    assert "rank(s) 1 left no record" in decision["cause"], decision
+    text = log.read_text()
+    assert f"mtdist: run failed: {decision['cause']}; requeued (failure 1 of at most 3)" in text
+    assert f"mtdist: requeueing job {job_id} after a failure" in text

@@ -1,0 +1,119 @@
+"""A run never hangs: no fork of a threaded process, a watchdog on every rank, no start-up lock to wait on.
+
+Each multi-process test runs `mtdist train` under torchrun with a short dist.hang_timeout_s: a rank that
+deadlocks ends with its stacks on stderr (and in the run folder) and the test fails showing them, instead
+of hanging.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, TINY, shard_overrides
+
+from mtdist.dist import free_port
+from mtdist.failures import TEST_FAULT_ENV, read_records
+from mtdist.logger import read_metrics
+from mtdist.watchdog import HANG_EXIT_CODE
+
+pytestmark = pytest.mark.slow
+EVALUATIONS = 100
+
+
+def torchrun_train(
+    overrides: list[str], env: dict[str, str] | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    cmd = [*launcher, f"--master_port={free_port()}", "-m", "mtdist", "train", "--config", str(TINY)]
+    cmd += overrides
+    env = os.environ | {"OMP_NUM_THREADS": "1"} | (env or {})
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+
+
+def overrides_for(shards: dict[str, str], run_dir: Path, max_steps: int, *extra: str) -> list[str]:
+    return [
+        *shard_overrides(shards),
+        f"logging.run_dir={run_dir}",
+        f"schedule.max_steps={max_steps}",
+        "dist.hang_timeout_s=60",
+        *extra,
+    ]
+
+
+def test_two_ranks_two_workers_evaluate_a_hundred_times(mnist_shards, tmp_path):
+    """The set-up that hung in 5 of 21 runs: 2 ranks x 2 loader workers, an evaluation after every step,
+    the progress bar's monitor thread on. Loader workers come from a fork server (never forked from a
+    rank, which has threads), and each split's eval loader is built once and reused."""
+    run_dir = tmp_path / "run"
+    overrides = overrides_for(
+        mnist_shards,
+        run_dir,
+        EVALUATIONS,
+        "data.num_workers=2",
+        "logging.eval_interval_steps=1",
+        "logging.log_interval_steps=10",
+        "logging.progress_bar=true",
+        "checkpoint.interval_steps=50",
+        "schedule.epochs=4",  # 30 steps an epoch
+        "schedule.rampdown_epochs=5",
+    )
+    proc = torchrun_train(overrides, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
+    evals = [r["step"] for r in read_metrics(run_dir) if "eval/teacher/top1" in r]
+    assert evals == list(range(1, EVALUATIONS + 1))
+    assert all(r["eval/count"] == 120 for r in read_metrics(run_dir) if "eval/count" in r)  # exactly once
+    assert not list(run_dir.glob("hang-rank*.txt"))
+
+
+def test_a_rank_without_progress_dumps_its_stacks_and_exits(mnist_shards, tmp_path):
+    """Rank 1 stops making progress at step 3 (a test hook): its watchdog writes every thread's stack,
+    naming the stuck frame, records the hang, and ends the rank with HANG_EXIT_CODE; rank 0, left in the
+    step's all_reduce, ends too and names the same step, instead of waiting for ever."""
+    run_dir = tmp_path / "run"
+    overrides = overrides_for(mnist_shards, run_dir, 6, "dist.hang_timeout_s=5")
+    proc = torchrun_train(overrides, env={TEST_FAULT_ENV: "hang:1:3"}, timeout=300)
+    assert proc.returncode != 0
+    stacks = (run_dir / "hang-rank00001.txt").read_text()
+    assert stacks.startswith("mtdist watchdog: rank 1 made no progress for ")
+    assert "at step 3, in train step" in stacks.splitlines()[0]
+    assert "in _hang_for_the_test" in stacks and "in train_loop" in stacks
+    assert f"exitcode  : {HANG_EXIT_CODE}" in proc.stderr  # torchrun's report of rank 1
+    records = {r.rank: r for r in read_records(run_dir, "0")}
+    assert records[1].kind == "hang" and records[1].step == 3
+    assert records[1].error.startswith("no progress for 5 s; stacks in ")
+    # rank 0 waits for rank 1 in the step's all_reduce: its own watchdog fires too (or the collective
+    # fails once rank 1 is gone), and it names the same step
+    assert records[0].step == 3 and records[0].kind in ("hang", "collective", "exception")
+
+
+def test_an_exception_on_one_rank_is_recorded_with_its_step(mnist_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = torchrun_train(overrides_for(mnist_shards, run_dir, 6), env={TEST_FAULT_ENV: "raise:1:2"})
+    assert proc.returncode != 0
+    records = {r.rank: r for r in read_records(run_dir, "0")}
+    assert records[1].kind == "exception" and records[1].step == 2
+    assert records[1].error == "RuntimeError: test fault: rank 1 raises at step 2"
+    assert "mtdist: rank 1 failed at step 2, in train step" in proc.stderr
+
+
+def test_a_stale_extension_build_lock_does_not_stop_the_next_start(mnist_shards, tmp_path):
+    """A start-up killed while DeepSpeed built (or checked) its CPU comm op leaves torch's lock file; any
+    later start waited for it for ever. mtdist builds no extension at start-up: the next run trains."""
+    extensions = tmp_path / "torch_extensions"
+    py = f"py{sys.version_info.major}{sys.version_info.minor}_cpu"
+    lock = extensions / py / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    # the owner: a process that created the lock, as torch's FileBaton does, and died holding it
+    subprocess.run([sys.executable, "-c", f"import os; os.open({str(lock)!r}, os.O_CREAT | os.O_EXCL)"])
+    assert lock.is_file()
+    run_dir = tmp_path / "run"
+    env = {"TORCH_EXTENSIONS_DIR": str(extensions)}
+    proc = torchrun_train(overrides_for(mnist_shards, run_dir, 2, "dist.hang_timeout_s=120"), env, 300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert json.loads((run_dir / "final.json").read_text())["step"] == 2
+    assert lock.is_file()  # left alone: not ours to remove, and no longer in anyone's way
