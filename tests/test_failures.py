@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, TINY, shard_overrides
 
 from mtdist import failures
 from mtdist.config import ConfigError
@@ -142,3 +144,25 @@ def test_a_beating_watchdog_never_fires(tmp_path: Path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr
     assert not list(tmp_path.glob("hang-rank*"))
+
+
+def test_a_non_finite_loss_exits_65_and_mtdist_recover_refuses_a_restart(mnist_shards, tmp_path):
+    """A run whose loss blows up (lr 1e30) ends with one line naming the step and exit 65, its record is
+    fatal, and `mtdist recover` (what slurm/train.sbatch asks) says not to requeue it."""
+    run_dir = tmp_path / "run"
+    args = [*shard_overrides(mnist_shards), f"logging.run_dir={run_dir}", "optim.lr=1e30"]
+    args += ["schedule.warmup_start_lr=1e30", "deepspeed.bf16=false", "schedule.max_steps=20"]
+    train = [sys.executable, "-m", "mtdist", "train", "--config", str(TINY), *args]
+    env = os.environ | {"OMP_NUM_THREADS": "1", failures.ATTEMPT_ENV: "5.0"}
+    proc = subprocess.run(train, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == failures.FATAL_EXIT_CODE, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("mtdist: FloatingPointError: non-finite loss at step "), last
+    (rec,) = failures.read_records(run_dir, "5.0")
+    assert rec.kind == "fatal" and rec.error.startswith("FloatingPointError: non-finite loss at step")
+    recover = [sys.executable, "-m", "mtdist", "recover", "--config", str(TINY), *args]
+    recover += ["--world-size", "1", "--exit-status", str(proc.returncode)]
+    said = subprocess.run(recover, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert said.returncode == 1, said.stderr
+    assert said.stdout.startswith("mtdist: run failed: rank 0 (fatal at step ")
+    assert "not requeued: a restart would fail the same way" in said.stdout
