@@ -1,5 +1,6 @@
-"""Slurm launch for mtdist: `python -m launch.submit --config FILE [key=value ...] [--dry-run]`.
+"""Slurm launch for mtdist: `mtdist submit --config FILE [key=value ...] [--dry-run] [--wait]`.
 
-launch/ is the only place that knows submitit; mtdist itself reads only the torch.distributed
-environment contract. Nothing is imported here so that `python -m launch.submit` runs the module once.
+This folder (launch/ in the repository) installs as `mtdist.launch`. It is the only place that knows
+submitit; the rest of mtdist reads only the torch.distributed environment contract. Nothing is imported
+here, so that `python -m mtdist.launch.submit` runs the module once.
 """

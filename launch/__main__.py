@@ -1,7 +1,7 @@
-"""`python -m launch ...` is `python -m launch.submit ...`."""
+"""`python -m mtdist.launch ...` is `mtdist submit ...`."""
 
 import sys
 
-from launch.submit import main
+from mtdist.launch.submit import main
 
 sys.exit(main())

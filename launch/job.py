@@ -1,7 +1,7 @@
 """What submitit runs on every Slurm task: the torch.distributed contract from Slurm, then training.
 
-The callable is pickled by `launch.submit` and unpickled on the cluster, so it lives in this importable
-module (a class defined in a `python -m` script would be pickled by value).
+The callable is pickled by `mtdist submit` (mtdist.launch.submit) and unpickled on the cluster, so it
+lives in this importable module (a class defined in a `python -m` script would be pickled by value).
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
-"""`python -m launch.submit --config FILE [key=value ...] [--dry-run] [--wait]`: train on Slurm via submitit.
+"""`mtdist submit --config FILE [key=value ...] [--dry-run] [--wait]`: train on Slurm via submitit.
 
 The executor comes from the config's `cluster` section: nodes, tasks per node (one per GPU on GPU
 nodes, `cluster.tasks_per_node` on CPU-only nodes), CPUs per task, memory, partition, account, qos,
 time limit, constraint, exclusive, job name, log folder (default <run_dir>/slurm), extra sbatch
 options and setup lines, and how long before the time limit Slurm signals the job (signal_delay_s).
-The submitted callable (launch.job.TrainJob) sets up torch.distributed from
-Slurm, runs `mtdist.train.main(cfg)`, and requeues itself with `checkpoint.resume=auto` when Slurm
-signals a preemption or the time limit. Exit status: 0 submitted (or, with --wait, completed),
-1 refused by Slurm or failed, 2 a config error.
+The submitted callable (mtdist.launch.job.TrainJob) sets up torch.distributed from Slurm, runs
+`mtdist.train.main(cfg)`, and requeues itself with `checkpoint.resume=auto` when Slurm signals a
+preemption or the time limit, or after a failure (cluster.max_failures). Exit status: 0 submitted
+(or, with --wait, completed), 1 refused by Slurm or failed, 2 a config error.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class SubmitError(RuntimeError):
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     about = "Train on Slurm with submitit; the job is built from the config's cluster section."
-    p = argparse.ArgumentParser(prog="python -m launch.submit", description=about)
+    p = argparse.ArgumentParser(prog="mtdist submit", description=about)
     p.add_argument("--config", required=True, help="YAML file, e.g. configs/imagenet_resnet152_10pct.yaml")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script that would be submitted")
     p.add_argument("--wait", action="store_true", help="wait for the job; exit 1 if it failed")
@@ -222,7 +222,7 @@ def submit(cfg: Config, params: dict[str, Any], folder: Path) -> Any:
     import submitit
     from submitit.core.utils import FailedJobError, FailedSubmissionError
 
-    from launch.job import TrainJob
+    from mtdist.launch.job import TrainJob
 
     _slurm(["sbatch", "--version"])  # a clear error where submitit would say 'could not detect srun'
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfg.cluster.max_requeues)
@@ -288,10 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except ConfigError as err:
-        print(f"launch: config error: {err}", file=sys.stderr)
+        print(f"mtdist submit: config error: {err}", file=sys.stderr)
         return 2
     except SubmitError as err:
-        print(f"launch: {err}", file=sys.stderr)
+        print(f"mtdist submit: {err}", file=sys.stderr)
         return 1
 
 

@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
 
     add_make_shards_arguments(shards)
     _add_recover_parser(sub)
+    submit = sub.add_parser("submit", help="train on Slurm via submitit (see mtdist submit --help)")
+    submit.add_argument("args", nargs=argparse.REMAINDER, help="--config FILE [key=value ...] [--dry-run]")
     demo = sub.add_parser("demo", help="supervised-only vs Mean Teacher on MNIST-5k, 10%% labels")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. seeds=[0] steps=2000")
     return p
@@ -177,6 +179,10 @@ def _setup_logging() -> None:
 
 
 def run(argv: list[str]) -> int:
+    if argv[:1] == ["submit"]:  # its own parser: the launch layer (launch/, installed as mtdist.launch)
+        from mtdist.launch.submit import main as submit_main
+
+        return submit_main(argv[1:])
     args = _parser().parse_args(argv)
     _setup_logging()
     if args.command == "demo":

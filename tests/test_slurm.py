@@ -24,9 +24,9 @@ import pytest
 from checkpoint_state import assert_bitwise_equal, final_state
 from conftest import ROOT, TINY, shard_overrides
 
-from launch.job import requeue_signal
 from mtdist.checkpoint import tag_for as checkpoint_tag
 from mtdist.failures import TEST_FAULT_ENV, decisions
+from mtdist.launch.job import requeue_signal
 from mtdist.logger import read_metrics
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ def cluster_overrides(tasks_per_node: int, **extra: object) -> list[str]:
 
 
 def launch(args: list[str], cluster: SlurmCluster) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "launch.submit", "--config", str(TINY), *args]
+    cmd = [sys.executable, "-m", "mtdist", "submit", "--config", str(TINY), *args]
     return subprocess.run(
         cmd, capture_output=True, text=True, cwd=ROOT, env=cluster.env, timeout=JOB_TIMEOUT_S
     )
@@ -117,7 +117,7 @@ def check_launched(
     tasks_per_node: int,
     cluster: SlurmCluster,
 ) -> None:
-    """What launch.submit --wait prints, where the job ran, and that --dry-run shows what was submitted."""
+    """What mtdist submit --wait prints, where the job ran, and that --dry-run shows what was submitted."""
     assert proc.returncode == 0, proc.stdout + proc.stderr[-5000:]
     job_id = job_id_of(proc.stdout)
     assert f"stdout: {run_dir / 'slurm' / job_id}_0_log.out" in proc.stdout
@@ -305,7 +305,7 @@ def test_impossible_request_is_refused_with_slurms_reason(
     proc = launch(args, slurm_cluster)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("launch: Slurm refused the job: "), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("mtdist submit: Slurm refused the job: "), proc.stderr
     assert reason in lines[0] and "partitions: debug*: 2 nodes, 4 CPUs" in lines[0]
     assert not list((tmp_path / "run").glob("slurm/*_submission.sh"))  # refused before submission
 
@@ -328,7 +328,7 @@ def launch_with_fault(
     fault: str, run_dir: Path, cluster: SlurmCluster, overrides: list[str]
 ) -> tuple[str, subprocess.CompletedProcess]:
     env = cluster.env | {TEST_FAULT_ENV: fault}
-    cmd = [sys.executable, "-m", "launch.submit", "--config", str(TINY), *overrides, *cluster_overrides(1)]
+    cmd = [sys.executable, "-m", "mtdist", "submit", "--config", str(TINY), *overrides, *cluster_overrides(1)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=JOB_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr
     return job_id_of(proc.stdout), proc

@@ -1,4 +1,5 @@
-"""launch/ without a cluster: the sbatch script of --dry-run, config errors, the Slurm environment.
+"""mtdist submit (launch/, installed as mtdist.launch) without a cluster: the sbatch script of --dry-run,
+config errors, the Slurm environment.
 
 The real submissions are in test_slurm.py (a local Slurm cluster, marked slow).
 """
@@ -13,10 +14,10 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, TINY
 
-from launch import submit
-from launch.job import TrainJob, dist_values, export_dist_env
 from mtdist.config import load_config
 from mtdist.dist import dist_env_from_environ
+from mtdist.launch import submit
+from mtdist.launch.job import TrainJob, dist_values, export_dist_env
 
 GPU_CLUSTER = [
     "cluster.nodes=2",
@@ -121,30 +122,30 @@ def test_cpu_only_nodes_ask_for_tasks_and_no_gpus(tmp_path, capsys):
 def test_bad_cluster_config_is_a_one_line_error_before_slurm(overrides, message, capsys):
     assert submit.main(["--config", str(TINY), *overrides, "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("launch: config error: ") and message in err and err.count("\n") == 1, err
+    assert err.startswith("mtdist submit: config error: ") and message in err and err.count("\n") == 1, err
 
 
 def test_missing_config_file_is_a_one_line_error(tmp_path):
     missing = tmp_path / "nope.yaml"
-    cmd = [sys.executable, "-m", "launch.submit", "--config", str(missing), "cluster.nodes=2"]
+    cmd = [sys.executable, "-m", "mtdist", "submit", "--config", str(missing), "cluster.nodes=2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and proc.stdout == ""
     assert (
         proc.stderr
-        == f"launch: config error: config file {missing} does not exist; pass one of configs/*.yaml\n"
+        == f"mtdist submit: config error: config file {missing} does not exist; pass one of configs/*.yaml\n"
     )
 
 
 def test_without_slurm_submission_says_so(tmp_path):
     """No sbatch on PATH (a laptop): a clear error, not submitit's 'could not detect srun'."""
-    cmd = [sys.executable, "-m", "launch.submit", "--config", str(TINY), f"logging.run_dir={tmp_path}"]
+    cmd = [sys.executable, "-m", "mtdist", "submit", "--config", str(TINY), f"logging.run_dir={tmp_path}"]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ | {"PATH": "/nonexistent"}
     )
     assert proc.returncode == 1
     assert (
         proc.stderr
-        == "launch: sbatch not found: run on a Slurm login node (or see the script with --dry-run)\n"
+        == "mtdist submit: sbatch not found: run on a Slurm login node (or see the script with --dry-run)\n"
     )
 
 
