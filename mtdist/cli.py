@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     from mtdist.data.make_shards import add_arguments as add_make_shards_arguments
 
     add_make_shards_arguments(shards)
+    index = sub.add_parser("index-shards", help="byte-offset tables for older shards")
+    index.add_argument("spec", help="a shard spec: *.index.json, brace pattern, glob or comma list")
     _add_recover_parser(sub)
     submit = sub.add_parser("submit", help="train on Slurm via submitit (see mtdist submit --help)")
     submit.add_argument("args", nargs=argparse.REMAINDER, help="--config FILE [key=value ...] [--dry-run]")
@@ -194,6 +196,13 @@ def run(argv: list[str]) -> int:
         from mtdist.data.make_shards import run_from_args
 
         return run_from_args(args)
+    if args.command == "index-shards":
+        from mtdist.data import resolve_shards
+        from mtdist.data.seek import index_shards
+
+        lines = index_shards(resolve_shards(args.spec))
+        print("\n".join(lines) if lines else "every shard already has a current byte-offset table")
+        return 0
     if args.command == "plan":
         try:
             print(plan_command(args))

@@ -45,6 +45,10 @@ class DataConfig:
     labeled_size: int = 0  # labeled images; 0 = count them from the shard index
     unlabeled_size: int = 0  # unlabeled images (one epoch = one pass); 0 = from the index
     num_workers: int = 4  # loader worker processes per stream and rank
+    # reader: each rank x loader worker reads whole shards of its own (needs a shard per reader; a resume
+    # needs the same world size and workers); global: one order of the set cut into global steps, the same
+    # on any allocation, any shard count (README: the global order). shuffle_buffer: the shuffle block
+    order: str = "reader"
     shuffle_buffer: int = 1000
     cache_decoded: bool = False  # keep decoded images in memory after their first read (small data only)
     eval_batch_size_per_gpu: int = 100
@@ -187,6 +191,7 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.augment": ("imagenet", "digits"),
+    "data.order": ("reader", "global"),
     "mean_teacher.consistency": ("kl", "mse"),
     "mean_teacher.teacher_init": ("independent", "copy"),
     "mean_teacher.teacher_bn": ("own", "average"),

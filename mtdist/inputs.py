@@ -44,6 +44,7 @@ def build_train_batches(
         skipped=skipped,
         num_classes=d.num_classes,
         error_bound=error_bound(cfg),
+        order=d.order,
     )
 
 
@@ -78,6 +79,7 @@ def eval_batches(cfg: Config, env: DistEnv, spec: str) -> mtdata.EvalBatches:
         num_workers=eval_workers(cfg),
         num_classes=d.num_classes,
         error_bound=error_bound(cfg),
+        order=d.order,
     )
 
 
@@ -88,7 +90,7 @@ def eval_workers(cfg: Config) -> int:
 def check_eval_shards(cfg: Config, env: DistEnv) -> None:
     """Val and test shards exist and split over the eval readers: said now, not at the first evaluation."""
     for key in ("val", "test"):
-        if getattr(cfg.data, key):
+        if getattr(cfg.data, key) and cfg.data.order == "reader":  # global: no shard per reader needed
             urls = shard_urls(cfg, key)
             try:
                 mtdata.check_readers(len(urls), env.world_size, eval_workers(cfg))

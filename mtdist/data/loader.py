@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from mtdist.preempt import ignore_stop_signals
 
+from .ordered import GlobalStream, take_skipped
 from .seeds import counter_seeds, seed_key
 from .stream import ErrorBound, ShardStream, check_readers, check_skipped
 from .transforms import Transform
@@ -52,6 +53,9 @@ def worker_context() -> multiprocessing.context.BaseContext:
 # Stream ids mixed into the seed, so the labeled and unlabeled streams never share random draws.
 LABELED_STREAM, UNLABELED_STREAM, BATCH_AUGMENT_STREAM = 0, 1, 2
 STREAM_NAMES = {LABELED_STREAM: "labeled", UNLABELED_STREAM: "unlabeled"}
+# data.order: "reader" = each (rank, worker) reads whole shards of its own (ShardStream); "global" = one
+# order of the whole set cut into global steps, whatever the ranks and workers (GlobalStream, issue 13).
+ORDERS = {"reader": ShardStream, "global": GlobalStream}
 
 
 def stream_seed(seed: int, stream: int) -> int:
@@ -79,6 +83,7 @@ def build_train_loader(
     skipped: Mapping[str, Sequence[int]] | None = None,
     num_classes: int | None = None,
     error_bound: ErrorBound | None = None,
+    order: str = "reader",
 ) -> TrainBatches:
     """Endless `(view1 [B, C, H, W], view2, labels [B])` with B = labeled_per_gpu + unlabeled_per_gpu.
 
@@ -95,6 +100,9 @@ def build_train_loader(
     With corrupt data the position also needs `skipped`: `state_dict(k)["skipped"]` of the iterator
     that consumed those k batches (per stream, the samples each reader worker dropped).
     Labels outside [0, num_classes) are corrupt samples; `error_bound` stops a reader that drops too many.
+    `order="global"`: the global order (GlobalStream): batch k holds the same samples whatever the
+    world size and workers, so a position resumes on another allocation too (`skipped` then keeps
+    only its total if the worker count changed).
     """
     if labeled_per_gpu < 1 or unlabeled_per_gpu < 0 or start_batch < 0:
         raise ValueError(
@@ -113,11 +121,15 @@ def build_train_loader(
     if unlabeled_per_gpu > 0:
         parts.append((unlabeled_urls, unlabeled_per_gpu, False, UNLABELED_STREAM))
     loaders = []
+    stream_class = _stream_class(order)
     for urls, batch_size, labeled, stream in parts:
-        check_readers(len(urls), world_size, num_workers)
         stream_skipped = skipped.get(STREAM_NAMES[stream], ())
-        check_skipped(stream_skipped, num_workers)
-        dataset = ShardStream(
+        if stream_class is ShardStream:
+            check_readers(len(urls), world_size, num_workers)
+            check_skipped(stream_skipped, num_workers)
+        else:
+            stream_skipped = skipped[STREAM_NAMES[stream]] = take_skipped(stream_skipped, num_workers)
+        dataset = stream_class(
             urls, seed=stream_seed(seed, stream), labeled=labeled, batch_size=batch_size,
             skipped=stream_skipped, **common,
         )  # fmt: skip
@@ -252,13 +264,16 @@ def build_eval_loader(
     num_workers: int,
     num_classes: int | None = None,
     error_bound: ErrorBound | None = None,
+    order: str = "reader",
 ) -> EvalBatches:
     """One pass over `urls`: each usable sample exactly once over all ranks and workers; yields (x, labels,
-    keys), and counts the corrupt samples dropped (`errors`)."""
-    check_readers(len(urls), world_size, num_workers)
+    keys), and counts the corrupt samples dropped (`errors`). `order="global"` needs no shard per reader."""
+    stream_class = _stream_class(order)
+    if stream_class is ShardStream:
+        check_readers(len(urls), world_size, num_workers)
     batched = getattr(transform, "batched", False)  # as in build_train_loader: prepare per sample
-    dataset = ShardStream(
-        urls, rank=rank, world_size=world_size, seed=0, channels=channels,
+    dataset = stream_class(
+        urls, rank=rank, world_size=world_size, seed=0, channels=channels, batch_size=batch_size,
         transform=transform.prepare if batched else transform,
         views=1, labeled=True, infinite=False, num_classes=num_classes,
         error_bound=error_bound or ErrorBound(), report_skipped=True,
@@ -267,6 +282,12 @@ def build_eval_loader(
     pin = torch.cuda.is_available()
     loader = _loader(dataset, batch_size, num_workers, pin_memory=pin, seed=rank, drop_last=False)
     return EvalBatches(loader, transform if batched else None)
+
+
+def _stream_class(order: str) -> type[ShardStream]:
+    if order not in ORDERS:
+        raise ValueError(f"data order {order!r} is not one of {', '.join(ORDERS)}")
+    return ORDERS[order]
 
 
 def _loader(

@@ -41,6 +41,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .imagenet_folder import SourceError, SourceImage, choose_labeled, scan_tree
+from .seek import load_offsets, write_offsets
 from .shards import INDEX_SUFFIX, _write_json_atomic
 from .transforms import decode_image
 
@@ -212,7 +213,10 @@ def write_or_keep(job: ShardJob) -> ShardResult:
     """The shard as its sidecar records it if the tar on disk is that one and matches the plan, else
     written anew."""
     kept = _kept(job)
-    return kept if kept is not None else write_shard(job)
+    if kept is None:
+        return write_shard(job)
+    load_offsets(str(job.path))  # a shard kept from an older run gets its byte-offset table once
+    return kept
 
 
 def write_shard(job: ShardJob) -> ShardResult:
@@ -242,6 +246,7 @@ def write_shard(job: ShardJob) -> ShardResult:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, job.path)
+    write_offsets(str(job.path))  # each sample's byte range: a reader can start inside the shard
     result = ShardResult(
         job.path.name, len(job.samples) - len(skipped), sink.num_bytes, sink.hexdigest(), converted, skipped
     )

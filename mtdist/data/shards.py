@@ -16,6 +16,8 @@ import webdataset
 from braceexpand import braceexpand
 from PIL import Image
 
+from .seek import write_offsets
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
 INDEX_SUFFIX = ".index.json"
 
@@ -215,6 +217,7 @@ def _write_tar(path: Path, samples: list[dict]) -> Path:
         for sample in samples:
             writer.write(_encoded(sample))
     os.replace(tmp, path)
+    write_offsets(str(path))  # the byte range of each sample, for readers that start inside the shard
     return path
 
 
