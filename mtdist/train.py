@@ -38,7 +38,7 @@ from mtdist.preempt import Preempted, StopSignal
 from mtdist.schedules import consistency_weight
 from mtdist.step import LossWeights, train_step
 from mtdist.sync_bn import convert_sync_batchnorm
-from mtdist.watchdog import Watchdog
+from mtdist.watchdog import HANG_EXIT_CODE, Watchdog
 
 log = logging.getLogger("mtdist")
 
@@ -434,7 +434,8 @@ def main(cfg: Config, on_hang: Callable[[Watchdog], None] | None = None) -> dict
     env = dist_env_from_environ()
 
     def hung(w: Watchdog) -> None:
-        record_failure(cfg, env, w, "hang", f"no progress for {w.timeout_s:g} s; stacks in {w.stack_file}")
+        error = f"no progress for {w.timeout_s:g} s, exit {HANG_EXIT_CODE}; stacks in {w.stack_file}"
+        record_failure(cfg, env, w, "hang", error)
         if on_hang is not None:
             on_hang(w)
 

@@ -85,7 +85,7 @@ def test_a_rank_without_progress_dumps_its_stacks_and_exits(mnist_shards, tmp_pa
     assert f"exitcode  : {HANG_EXIT_CODE}" in proc.stderr  # torchrun's report of rank 1
     records = {r.rank: r for r in read_records(run_dir, "0")}
     assert records[1].kind == "hang" and records[1].step == 3
-    assert records[1].error.startswith("no progress for 5 s; stacks in ")
+    assert records[1].error.startswith(f"no progress for 5 s, exit {HANG_EXIT_CODE}; stacks in ")
     # rank 0 waits for rank 1 in the step's all_reduce: its own watchdog fires too (or the collective
     # fails once rank 1 is gone), and it names the same step
     assert records[0].step == 3 and records[0].kind in ("hang", "collective", "exception")
