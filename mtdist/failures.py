@@ -127,7 +127,7 @@ def decide(
     exit_status: int | None = None,
 ) -> Decision:
     """The restart decision for one failed attempt (pure: records and history in, decision out)."""
-    step = max((r.step for r in records), default=previous[-1]["step"] if previous else -1)
+    step = max((r.step for r in records), default=-1)  # -1: no rank could say (all killed at once)
     cause = describe_cause(records, world_size, exit_status)
     failures = len(previous) + 1
 

@@ -56,6 +56,11 @@ def test_the_same_step_failing_twice_stops_the_run():
     assert decide([record(1, step=9)], 2, [{"step": 6, "requeue": True}], max_failures=3).requeue
 
 
+def test_a_failure_without_any_record_is_requeued_without_a_step():
+    d = decide([], 2, [{"step": 6, "requeue": True}], max_failures=3, exit_status=137)
+    assert d.requeue and d.step == -1 and d.cause.startswith("rank(s) 0, 1 left no record")
+
+
 def test_max_failures_bounds_the_requeues():
     previous = [{"step": s, "requeue": True} for s in (2, 4, 6)]
     d = decide([record(1, step=8)], 2, previous, max_failures=3)
