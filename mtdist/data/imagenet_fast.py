@@ -1,16 +1,16 @@
-"""The ImageNet input path at speed: one reduced-scale JPEG decode for both views, uint8 geometry in
-the loader workers, color jitter and normalization batched on the device.
+"""The ImageNet input path at speed: decode once (data/decode.py), one resampling pass per view
+(data/views.py) in the loader workers, color jitter and normalization batched on the device.
 
-A naive two-view pipeline decodes every JPEG at full size and then, per view, crops, resizes, jitters
-and normalizes in float on the CPU: 10-15 cores per H100 (issue 3). Here a loader worker
+A naive two-view pipeline decodes every JPEG at full size and then, per view, rotates, crops, resizes,
+jitters and normalizes in float on the CPU: 10-15 cores per H100 (issue 3). Here a loader worker
 
 1. reads only the JPEG header for the image size and draws every view's parameters from the sample's
    generator (the same draws in the same order as ImagenetTrainAugment, so the two compare one to one);
 2. decodes once, at the smallest libjpeg-turbo DCT scale (1/8, 1/4, 1/2 or 1) at which every view's
    crop still has at least the output resolution, so nothing is upsampled that a full decode would not;
-3. per view, gathers the rotated crop's pixels (nearest, zero outside, as RandomRotation's default) at
-   the decoded resolution, one 32-bit RGBX word per pixel, with the flip folded into the gather, and
-   resizes it in uint8 (antialiased bilinear);
+3. per view, composes crop, scale, rotation and flip into one affine map and warps the decoded pixels
+   straight to the output size (bilinear; an integer area pre-reduction of the region it reads where
+   the view shrinks it 2x or more, so nothing aliases): data/views.py;
 4. packs the uint8 view and its drawn color-jitter parameters into one flat uint8 tensor (pack_view),
    so a batch, its pinning and the loader's resume semantics stay those of a plain tensor.
 
@@ -19,18 +19,18 @@ applies each image's color jitter and the normalization, batched (`ImagenetTrain
 batch's augmentation depends only on its samples' own generators, never on earlier batches.
 
 Grayscale JPEGs decode to RGB in libjpeg-turbo; CMYK/YCCK JPEGs, non-JPEG bytes (ImageNet has a PNG
-named .JPEG) and JPEGs simplejpeg is strict about take the full `decode_image` path, also RGB.
+named .JPEG) and JPEGs simplejpeg is strict about take the full `decode_array` path, also RGB.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
+import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from .decode import dct_scale_eighths, decode_rgbx, jpeg_size, keep_freed_pages, rgbx_from_rgb
 from .transforms import (
     _GRAY_WEIGHTS,
     CROP_RATIO,
@@ -43,131 +43,28 @@ from .transforms import (
     TrainViewRecipe,
     _check_rgb,
     _need,
-    decode_image,
-    simplejpeg,
 )
+from .views import eval_view_matrix, resample, to_decoded, train_view_matrix
 
 # Color jitter parameters packed after a view's pixels: the op order (0 brightness, 1 contrast,
 # 2 saturation, 3 hue) then the brightness, contrast and saturation factors and the hue shift (turns).
 JITTER_SLOTS = 8
-_DCT_EIGHTHS = (1, 2, 4)  # libjpeg-turbo's reduced scales that save time (see dct_scale_eighths)
 
 
-# ---------------------------------------------------------------------------------------------- decode
-def dct_scale_eighths(sides_px: Iterable[int], min_side_px: int) -> int:
-    """The smallest JPEG decode scale, in eighths (1, 2, 4 or 8), that keeps every side >= min_side_px.
-
-    libjpeg-turbo decodes at M/8 of full size for any M, but only 1/8, 1/4 and 1/2 are cheaper than a
-    full decode: 3/8 costs as much as 1/2, and 5/8 to 7/8 more than 8/8 (measured on 500x375 and
-    1000x750 JPEGs). A side of s pixels decodes to at least s * M / 8 (libjpeg rounds up).
-    """
-    sides = list(sides_px)
-    for eighths in _DCT_EIGHTHS:
-        if all(side * eighths >= min_side_px * 8 for side in sides):
-            return eighths
-    return 8
-
-
-def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(height, width) of a JPEG that libjpeg-turbo decodes straight to RGB, from its header alone.
-
-    None for everything else, which takes the full decode_image path: non-JPEG bytes, CMYK/YCCK JPEGs
-    (libjpeg-turbo cannot convert them to RGB) and headers simplejpeg cannot read.
-    """
-    if simplejpeg is None or data[:2] != b"\xff\xd8":
-        return None
-    try:
-        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-    except ValueError:
-        return None
-    return None if colorspace in ("CMYK", "YCCK") else (height, width)
-
-
-def decode_rgbx(data: bytes, jpeg_hw: tuple[int, int] | None, eighths: int = 8) -> torch.Tensor:
-    """uint8 [h, w, 4] (RGB and a filler byte: one 32-bit word per pixel, for a one-gather crop).
-
-    A JPEG from jpeg_size is decoded at eighths/8 of its size (or a little more); anything else, or a
-    JPEG simplejpeg is strict about (a recoverable corruption Pillow may still read), at full size.
-    """
-    if jpeg_hw is not None:
-        height, width = jpeg_hw
-        min_hw = (math.ceil(height * eighths / 8), math.ceil(width * eighths / 8))
-        try:
-            out = simplejpeg.decode_jpeg(data, colorspace="RGBX", min_height=min_hw[0], min_width=min_hw[1])
-            return torch.from_numpy(out)
-        except ValueError:
-            pass
-    return rgbx_from_chw(decode_image(data, 3))
-
-
-def rgbx_from_chw(image: torch.Tensor) -> torch.Tensor:
-    """uint8 [3, H, W] -> [H, W, 4], the layout the crop gathers from (the 4th byte is zero)."""
+def rgbx_from_chw(image: torch.Tensor) -> np.ndarray:
+    """uint8 RGB [3, H, W] (a decoded-cache image) -> C-contiguous numpy [H, W, 4], what views warp."""
     _check_rgb(image)
-    return F.pad(image.permute(1, 2, 0), (0, 1)).contiguous()
+    return rgbx_from_rgb(image.permute(1, 2, 0).numpy())
 
 
-# ---------------------------------------------------------------------------------------------- geometry
-def rotated_crop_rgbx(
-    image: torch.Tensor,
-    full_hw: tuple[int, int],
-    angle_deg: float,
-    box: tuple[int, int, int, int],
-    flip: bool = False,
-) -> torch.Tensor:
-    """The box (top, left, h, w), given in full-resolution pixels, of the image rotated by angle_deg
-    (counter-clockwise about its centre), sampled from `image` [h_s, w_s, 4], a decode of the
-    full_hw image at a reduced scale: uint8 [round(h * h_s / H), round(w * w_s / W), 4].
-
-    Nearest neighbour, zero outside the source; at full scale the pixels of transforms.rotated_crop
-    (up to float rounding at pixel edges). `flip` mirrors the output left-right in the same gather.
-    The index maths is numpy's: a few passes over the crop, where torch's per-call overhead on
-    ~20 small tensors would cost as much as the gather itself.
-    """
-    height, width = full_hw
-    src_h, src_w = image.shape[:2]
-    scale_y, scale_x = src_h / height, src_w / width
-    top, left, box_h, box_w = box
-    out_h, out_w = max(1, round(box_h * scale_y)), max(1, round(box_w * scale_x))
-    # Sample centres in full-resolution pixels, relative to the image centre (y down).
-    ys = (np.arange(out_h, dtype=np.float32) + 0.5) * (box_h / out_h) + (top - height / 2)
-    xs = (np.arange(out_w, dtype=np.float32) + 0.5) * (box_w / out_w) + (left - width / 2)
-    if flip:
-        xs = xs[::-1]
-    a = math.radians(angle_deg)
-    cos, sin = math.cos(a), math.sin(a)
-    # Inverse rotation to the source, then to the decoded scale: each a column term and a row term.
-    x_cols, x_rows = xs * (scale_x * cos) + scale_x * width / 2, ys * (scale_x * sin)
-    y_cols, y_rows = xs * (scale_y * sin), ys * (scale_y * cos) + scale_y * height / 2
-    # The samples' bounding box in source pixels, a pixel wider each side against float32 rounding.
-    x0, x1 = math.floor(x_cols.min() - x_rows.max()) - 1, math.floor(x_cols.max() - x_rows.min()) + 1
-    y0, y1 = math.floor(y_cols.min() + y_rows.min()) - 1, math.floor(y_cols.max() + y_rows.max()) + 1
-    words = image.numpy().view(np.int32)[..., 0]  # [h_s, w_s], one 32-bit word per pixel
-    if x0 >= 0 and y0 >= 0 and x1 < src_w and y1 < src_h:
-        source, x0, y0 = words, 0, 0
-    else:  # rotated-in corners: gather from a zero-filled copy of the bounding box instead of masking
-        source = np.zeros((y1 - y0 + 1, x1 - x0 + 1), np.int32)
-        iy0, iy1, ix0, ix1 = max(y0, 0), min(y1 + 1, src_h), max(x0, 0), min(x1 + 1, src_w)
-        if iy0 < iy1 and ix0 < ix1:
-            source[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = words[iy0:iy1, ix0:ix1]
-    # Coordinates relative to (y0, x0) are >= 0, so truncation to int is floor.
-    index = ((y_cols - y0)[None, :] + y_rows[:, None]).astype(np.int32)
-    index *= source.shape[1]
-    index += ((x_cols - x0)[None, :] - x_rows[:, None]).astype(np.int32)
-    out = source.reshape(-1).take(index, mode="clip")  # in range by construction; clip skips the check
-    return torch.from_numpy(out.view(np.uint8).reshape(out_h, out_w, 4))
-
-
-def resize_rgbx(view: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 [h, w, 4] -> uint8 RGB [3, *size]: antialiased bilinear in torch's uint8 kernel."""
-    x = view.permute(2, 0, 1)[None]
-    if tuple(view.shape[:2]) != tuple(size):
-        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-    return x[0, :3]
+def rgb_chw(view: np.ndarray) -> torch.Tensor:
+    """uint8 [S, S, 4] numpy -> uint8 [3, S, S], a channel-permuted view of an RGB [S, S, 3] copy."""
+    return torch.from_numpy(cv2.cvtColor(view, cv2.COLOR_RGBA2RGB)).permute(2, 0, 1)
 
 
 # ---------------------------------------------------------------------------------------------- packing
 def packed_length(size: int) -> int:
-    """Bytes of one packed view: 3 * size^2 pixels, padded to 4 bytes, then JITTER_SLOTS float32."""
+    """Bytes of one packed view: size^2 RGB pixels (HWC), padded to 4 bytes, then JITTER_SLOTS float32."""
     return _params_offset(size) + 4 * JITTER_SLOTS
 
 
@@ -175,26 +72,36 @@ def _params_offset(size: int) -> int:
     return -(-3 * size * size // 4) * 4  # float32-aligned, so the parameters view without a copy
 
 
-def pack_view(pixels: torch.Tensor, order: Sequence[int], factors: Sequence[float]) -> torch.Tensor:
-    """uint8 [3, S, S] and its jitter draws (see transforms.draw_jitter) -> uint8 [packed_length(S)]."""
-    size = pixels.shape[-1]
+def pack_view(pixels: np.ndarray, order: Sequence[int], factors: Sequence[float]) -> torch.Tensor:
+    """uint8 [S, S, 4] (RGBX, as views are warped) or [S, S, 3] and its jitter draws (see
+    transforms.draw_jitter) -> uint8 [packed_length(S)].
+
+    The pixels stay in height-width-channel order: dropping the filler byte straight into the packed
+    buffer is one OpenCV pass (~10 us), where a channel-first copy cost 50-200 us a view.
+    """
+    size = pixels.shape[0]
     pixel_bytes, offset = 3 * size * size, _params_offset(size)
     out = torch.empty(packed_length(size), dtype=torch.uint8)
-    out[:pixel_bytes].view(3, size, size).copy_(pixels)
-    out[pixel_bytes:offset] = 0
-    out[offset:].numpy().view(np.float32)[:] = (*order, *factors)  # numpy: no tensor built per view
+    buffer = out.numpy()
+    rgb = buffer[:pixel_bytes].reshape(size, size, 3)
+    if pixels.shape[2] == 4:
+        cv2.cvtColor(pixels, cv2.COLOR_RGBA2RGB, dst=rgb)
+    else:
+        rgb[...] = pixels
+    buffer[pixel_bytes:offset] = 0
+    buffer[offset:].view(np.float32)[:] = (*order, *factors)  # numpy: no tensor built per view
     return out
 
 
 def unpack_views(packed: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 [B, packed_length(size)] -> (pixels uint8 [B, 3, S, S], jitter float32 [B, JITTER_SLOTS]),
-    both views into `packed` on its device."""
+    both views into `packed` on its device (the pixels channel-last in memory, as packed)."""
     if packed.dim() != 2 or packed.dtype != torch.uint8 or packed.shape[1] != packed_length(size):
         raise ValueError(
             f"expected packed uint8 views [B, {packed_length(size)}] of size {size} (from "
             f"ImagenetTrainGeometry), got {packed.dtype} {tuple(packed.shape)}"
         )
-    pixels = packed[:, : 3 * size * size].unflatten(1, (3, size, size))
+    pixels = packed[:, : 3 * size * size].unflatten(1, (size, size, 3)).permute(0, 3, 1, 2)
     return pixels, packed[:, _params_offset(size) :].view(torch.float32)
 
 
@@ -303,8 +210,9 @@ class ImagenetTrainGeometry:
         """`views` packed views of one image, decoded once at the scale that the largest reduction
         allowed by every view's crop."""
         gen = _need(gen)
+        keep_freed_pages()  # this runs in the loader worker: its buffers are the ones to keep
         jpeg_hw = jpeg_size(data)
-        if jpeg_hw is None:
+        if jpeg_hw is None:  # not a plain JPEG: decode in full first, for its size
             image = decode_rgbx(data, None)
             full_hw = (image.shape[0], image.shape[1])
             params = [self.draw(*full_hw, gen) for _ in range(views)]
@@ -316,14 +224,15 @@ class ImagenetTrainGeometry:
         return [self.view(image, full_hw, p) for p in params]
 
     def __call__(self, image: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-        _check_rgb(image)
         full_hw = (image.shape[1], image.shape[2])
         return self.view(rgbx_from_chw(image), full_hw, self.draw(*full_hw, _need(gen)))
 
-    def view(self, image: torch.Tensor, full_hw: tuple[int, int], p: TrainViewParams) -> torch.Tensor:
-        """The packed view of `image` (uint8 [h, w, 4], a decode of the full_hw image at any scale)."""
-        crop = rotated_crop_rgbx(image, full_hw, p.angle_deg, p.box, p.flip)
-        return pack_view(resize_rgbx(crop, (self.size, self.size)), p.order, p.factors)
+    def view(self, image: np.ndarray, full_hw: tuple[int, int], p: TrainViewParams) -> torch.Tensor:
+        """The packed view of `image` (uint8 [h, w, 4], a decode of the full_hw image at any scale):
+        one warp from the decoded pixels to size x size."""
+        matrix = train_view_matrix(full_hw, p.angle_deg, p.box, p.flip, self.size)
+        pixels = resample(image, to_decoded(matrix, full_hw, image.shape[:2]), (self.size, self.size))
+        return pack_view(pixels, p.order, p.factors)
 
     def __repr__(self) -> str:
         return (
@@ -388,7 +297,8 @@ class ImagenetTrainFast:
 class ImagenetEvalGeometry:
     """The loader-worker half of ImagenetEvalFast: shorter side to `resize`, centre crop `crop`, uint8.
 
-    The JPEG is decoded at the smallest DCT scale whose shorter side is still >= resize.
+    The JPEG is decoded at the smallest DCT scale whose shorter side is still >= resize, then resized
+    and cropped by one warp (data/views.py).
     """
 
     def __init__(self, resize: int = 256, crop: int = 224) -> None:
@@ -399,6 +309,7 @@ class ImagenetEvalGeometry:
     def views_from_bytes(
         self, data: bytes, views: int, gen: torch.Generator | None = None
     ) -> list[torch.Tensor]:
+        keep_freed_pages()
         jpeg_hw = jpeg_size(data)
         eighths = 8 if jpeg_hw is None else dct_scale_eighths([min(jpeg_hw)], self.resize)
         image = decode_rgbx(data, jpeg_hw, eighths)
@@ -409,14 +320,11 @@ class ImagenetEvalGeometry:
     def __call__(self, image: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
         return self.view(rgbx_from_chw(image), (image.shape[1], image.shape[2]))
 
-    def view(self, image: torch.Tensor, full_hw: tuple[int, int]) -> torch.Tensor:
-        """uint8 [3, crop, crop] of `image` (uint8 [h, w, 4], a decode of the full_hw image at any scale)."""
-        h, w = full_hw
-        short, long = (h, w) if h <= w else (w, h)
-        new_long = int(self.resize * long / short)  # the size ImagenetEvalTransform resizes to
-        x = resize_rgbx(image, (self.resize, new_long) if h <= w else (new_long, self.resize))
-        top, left = round((x.shape[1] - self.crop) / 2), round((x.shape[2] - self.crop) / 2)
-        return x[:, top : top + self.crop, left : left + self.crop].contiguous()
+    def view(self, image: np.ndarray, full_hw: tuple[int, int]) -> torch.Tensor:
+        """uint8 [3, crop, crop] of `image` (uint8 [h, w, 4], a decode of the full_hw image at any
+        scale): resize and centre crop as one warp."""
+        matrix = to_decoded(eval_view_matrix(full_hw, self.resize, self.crop), full_hw, image.shape[:2])
+        return rgb_chw(resample(image, matrix, (self.crop, self.crop)))
 
     def __repr__(self) -> str:
         return f"ImagenetEvalGeometry(resize={self.resize}, crop={self.crop})"

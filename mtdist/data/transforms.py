@@ -1,4 +1,8 @@
-"""Image decoding and augmentation in plain torch.
+"""Augmentation in plain torch: the digits preset and the ImageNet reference transforms.
+
+ImagenetTrainAugment / ImagenetEvalTransform follow the paper's torchvision semantics and stay the
+ground truth the fast path (data/imagenet_fast.py) is measured against; TrainViewRecipe draws every
+view's parameters for both. Decoding is data/decode.py's (decode_image is re-exported here).
 
 Every transform is a callable `(img_uint8 [C, H, W], gen) -> float [C, H, W]`. All randomness comes
 from the `torch.Generator` passed in, never from the global RNG, so a data stream seeded per
@@ -7,21 +11,14 @@ from the `torch.Generator` passed in, never from the global RNG, so a data strea
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-try:  # libjpeg-turbo straight into numpy: ~10% faster than Pillow and no PIL.Image round trip
-    import simplejpeg
-except ImportError:  # pragma: no cover - simplejpeg is optional
-    simplejpeg = None
+from .decode import decode_image  # noqa: F401  (re-exported: the stream and make_shards decode through here)
 
 Transform = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
 
@@ -40,44 +37,6 @@ VIEW_DRAWS = 2 + CROP_DRAWS + JITTER_DRAWS  # angle, flip, crop box, jitter
 DIGITS_MEAN = 0.1307
 DIGITS_STD = 0.3081
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as Pillow's convert("L")
-
-
-# ---------------------------------------------------------------------------------------------- decode
-def decode_image(data: bytes, channels: int) -> torch.Tensor:
-    """Decode PNG/JPEG bytes to uint8 [channels, H, W]; channels 1 (grayscale) or 3 (RGB)."""
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
-    array = _decode_jpeg_fast(data, channels) if data[:2] == b"\xff\xd8" else None
-    if array is None:
-        array = _decode_pillow(data, channels)
-    if array.ndim == 2:
-        return torch.from_numpy(array)[None]
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
-def _decode_jpeg_fast(data: bytes, channels: int) -> np.ndarray | None:
-    if simplejpeg is None:
-        return None
-    try:
-        # libjpeg-turbo cannot convert CMYK/YCCK to RGB: leave those to Pillow.
-        if simplejpeg.decode_jpeg_header(data)[2] in ("CMYK", "YCCK"):
-            return None
-        out = simplejpeg.decode_jpeg(data, colorspace="GRAY" if channels == 1 else "RGB")
-    except ValueError:  # a recoverable corruption simplejpeg is strict about; Pillow may still read it
-        return None
-    return out[..., 0] if out.ndim == 3 and channels == 1 else out
-
-
-def _decode_pillow(data: bytes, channels: int) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as img:
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16-bit grayscale PNG: convert("L") would clip at 255 instead of scaling.
-            gray = (np.asarray(img, dtype=np.float32) * (255.0 / 65535.0)).round().astype(np.uint8)
-            return gray if channels == 1 else np.repeat(gray[..., None], 3, axis=2)
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")  # Pillow warns when converting such palettes straight to RGB
-        mode = "L" if channels == 1 else "RGB"
-        return np.array(img if img.mode == mode else img.convert(mode))  # convert() copies even when a no-op
 
 
 # ---------------------------------------------------------------------------------------------- random
@@ -202,9 +161,7 @@ class ImagenetTrainAugment:
         gen = _need(gen)
         _check_rgb(img)
         p = self.recipe.draw(gen, img.shape[1], img.shape[2])
-        x = _resize(rotated_crop(img, p.angle_deg, *p.box), (self.size, self.size)).float().div_(255.0)
-        if p.flip:
-            x = x.flip(-1)
+        x = reference_train_view(img, p, self.size).float().div_(255.0)
         x = apply_jitter(x, p.order, p.factors)
         return _normalize(x, IMAGENET_MEAN, IMAGENET_STD)
 
@@ -213,6 +170,23 @@ class ImagenetTrainAugment:
             f"ImagenetTrainAugment(size={self.size}, rotation_deg={self.recipe.rotation_deg}, "
             f"jitter={self.recipe.jitter})"
         )
+
+
+def reference_train_view(img: torch.Tensor, p: TrainViewParams, size: int) -> torch.Tensor:
+    """The uint8 geometry of one train view, torchvision's way: rotate (nearest, zero fill), crop the
+    box, resize to size x size (antialiased bilinear), flip. The ground truth of the fused path."""
+    x = _resize(rotated_crop(img, p.angle_deg, *p.box), (size, size))
+    return x.flip(-1) if p.flip else x
+
+
+def reference_eval_view(img: torch.Tensor, resize: int, crop: int) -> torch.Tensor:
+    """uint8 [3, crop, crop]: the shorter side resized to `resize` (antialiased bilinear), centre crop."""
+    h, w = img.shape[1:]
+    short, long = (h, w) if h <= w else (w, h)
+    new_long = int(resize * long / short)
+    x = _resize(img, (resize, new_long) if h <= w else (new_long, resize))
+    top, left = round((x.shape[1] - crop) / 2), round((x.shape[2] - crop) / 2)
+    return x[:, top : top + crop, left : left + crop]
 
 
 class ImagenetEvalTransform:
@@ -225,12 +199,7 @@ class ImagenetEvalTransform:
 
     def __call__(self, img: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
         _check_rgb(img)
-        h, w = img.shape[1:]
-        short, long = (h, w) if h <= w else (w, h)
-        new_long = int(self.resize * long / short)
-        x = _resize(img, (self.resize, new_long) if h <= w else (new_long, self.resize))
-        top, left = round((x.shape[1] - self.crop) / 2), round((x.shape[2] - self.crop) / 2)
-        x = x[:, top : top + self.crop, left : left + self.crop].float().div_(255.0)
+        x = reference_eval_view(img, self.resize, self.crop).float().div_(255.0)
         return _normalize(x, IMAGENET_MEAN, IMAGENET_STD)
 
     def __repr__(self) -> str:
@@ -418,59 +387,3 @@ def hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     p, q, t = v * (1.0 - s), v * (1.0 - s * f), v * (1.0 - s * (1.0 - f))
     choice = _HSV_SECTORS[:, sector.long().remainder_(6)]  # [3, H, W]
     return torch.stack([v, q, p, t]).gather(0, choice)
-
-
-# ---------------------------------------------------------------------------------------------- presets
-_PRESET_OPTIONS = {"digits": ("shift_px", "noise_std", "mean", "std"), "imagenet": ("rotation_deg", "jitter")}
-
-
-def make_transforms(
-    preset: str,
-    image_size: int,
-    channels: int,
-    *,
-    device: torch.device | str | None = None,
-    channels_last: bool = False,
-    **options: Any,
-) -> tuple[Transform, Transform]:
-    """(train augmentation, eval transform) for a named preset: "digits" or "imagenet".
-
-    `options` tune the train augmentation (digits: shift_px, noise_std, mean, std; imagenet:
-    rotation_deg, jitter); the eval transform takes only the normalization from them. "imagenet" gives
-    the fast pair of data/imagenet_fast.py, whose batched halves run on `device` (None: where the batch
-    is) and return channels_last memory if asked; "digits" ignores both.
-    """
-    if preset not in _PRESET_OPTIONS:
-        raise ValueError(
-            f"unknown transform preset {preset!r}; known: {', '.join(map(repr, _PRESET_OPTIONS))}"
-        )
-    unknown = set(options) - set(_PRESET_OPTIONS[preset])
-    if unknown:
-        raise ValueError(
-            f"transform preset {preset!r} has no option {sorted(unknown)}; known: {_PRESET_OPTIONS[preset]}"
-        )
-    if preset == "digits":
-        return _digits_transforms(image_size, **options)
-    if channels != 3:
-        raise ValueError(f"preset 'imagenet' needs channels=3, got {channels}")
-    return _imagenet_transforms(image_size, device, channels_last, **options)
-
-
-def _digits_transforms(
-    size: int, shift_px: int = 2, noise_std: float = 0.15, mean: float = DIGITS_MEAN, std: float = DIGITS_STD
-) -> tuple[Transform, Transform]:
-    train = DigitsAugment(shift_px, noise_std, mean=mean, std=std, size=size)
-    return train, DigitsAugment(0, 0.0, mean=mean, std=std, size=size)
-
-
-def _imagenet_transforms(
-    size: int, device: torch.device | str | None, channels_last: bool, **options: Any
-) -> tuple[Transform, Transform]:
-    from .imagenet_fast import ImagenetEvalFast, ImagenetTrainFast  # it builds on this module
-
-    eval_resize = round(size * 256 / 224)  # the standard 256/224 ratio at any crop size
-    where = {"device": device, "channels_last": channels_last}
-    return (
-        ImagenetTrainFast(size=size, **options, **where),
-        ImagenetEvalFast(resize=eval_resize, crop=size, **where),
-    )
