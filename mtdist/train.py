@@ -264,12 +264,22 @@ def loss_weights(cfg: Config, epoch: float) -> LossWeights:
 
 
 class Window:
-    """Loss terms summed since the last log line; reduced across ranks once per log interval."""
+    """Loss terms summed since the last log line; reduced across ranks once per log interval. Also the
+    host seconds spent waiting for the next batch (`next_batch`), for data/wait_fraction."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
         self.start = time.perf_counter()
+        self.waited_s = 0.0
+
+    def next_batch(self, batches: Iterator) -> Any:
+        """next(batches), timed on the host clock: no device sync is added (a step already waits for
+        its device in the loss check, and that wait is step time, not input time)."""
+        start = time.perf_counter()
+        batch = next(batches)
+        self.waited_s += time.perf_counter() - start
+        return batch
 
     def add(self, terms: dict[str, torch.Tensor]) -> None:
         for k, v in terms.items():
@@ -315,6 +325,7 @@ def log_step(run: Run, step: int, window: Window, bar: tqdm) -> None:
         "train/epoch": plan.epoch(step),
         "train/consistency_weight": loss_weights(cfg, plan.epoch(step - 1)).consistency_weight,
         "data/images_per_s": images_per_s,
+        **wait_metrics(window.waited_s / elapsed, run.device),
         **data_error_metrics(run, step),
         "system/world_size": run.env.world_size,
         **system_metrics(run.device, elapsed * cfg.deepspeed.grad_accum_steps / window.count),
@@ -325,7 +336,26 @@ def log_step(run: Run, step: int, window: Window, bar: tqdm) -> None:
         row["train/ema_decay"] = run.teacher.decay_at(max(run.teacher.updates, 1))  # the plan's, scaled
         row["train/teacher_updates"] = run.teacher.updates
     run.metrics.log(step, row)
-    bar.set_postfix(loss=f"{row['train/loss_total']:.3f}", img_s=f"{images_per_s:.0f}")
+    wait = f"{row['data/wait_fraction']:.0%}/{row['data/wait_fraction_worst']:.0%}"  # mean / worst rank
+    bar.set_postfix(loss=f"{row['train/loss_total']:.3f}", img_s=f"{images_per_s:.0f}", data_wait=wait)
+
+
+def wait_metrics(fraction: float, device: torch.device) -> dict[str, float]:
+    """The share of the log interval each rank spent waiting for its next batch: the mean over ranks,
+    the worst rank's and which rank that is (an input-bound run shows in the mean, a straggler or a
+    slow node in the worst). One all_gather of one number per rank, at log intervals only."""
+    values = [fraction]
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        mine = torch.tensor([fraction], dtype=torch.float64, device=device)  # nccl needs a device tensor
+        gathered = [torch.empty_like(mine) for _ in range(torch_dist.get_world_size())]
+        torch_dist.all_gather(gathered, mine)
+        values = torch.cat(gathered).tolist()
+    worst = max(range(len(values)), key=values.__getitem__)
+    return {
+        "data/wait_fraction": sum(values) / len(values),
+        "data/wait_fraction_worst": values[worst],
+        "data/wait_worst_rank": worst,
+    }
 
 
 def system_metrics(device: torch.device, step_time_s: float) -> dict[str, float]:
@@ -380,9 +410,8 @@ def train_loop(run: Run, stop: StopSignal | None = None) -> None:
         inject_test_fault(run.run_dir, run.env.rank, step)
         weights = loss_weights(cfg, plan.epoch(step))
         for _ in range(cfg.deepspeed.grad_accum_steps):
-            terms, _ = train_step(
-                run.engine, run.teacher, to_device(next(run.train_batches), run), weights, step
-            )
+            batch = window.next_batch(run.train_batches)
+            terms, _ = train_step(run.engine, run.teacher, to_device(batch, run), weights, step)
             window.add(terms)
         run.state.step = done = step + 1
         bar.update(1)

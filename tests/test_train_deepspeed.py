@@ -90,6 +90,9 @@ def test_loss_terms_finite_and_metrics_logged(two_rank_run):
         ):
             assert math.isfinite(row[key]), (key, row)
         assert row["system/world_size"] == 2 and row["data/images_per_s"] > 0
+        # the share of the interval spent waiting for batches: mean over the 2 ranks <= the worst rank's
+        assert 0 <= row["data/wait_fraction"] <= row["data/wait_fraction_worst"] <= 1
+        assert row["data/wait_worst_rank"] in (0, 1)
         assert 0 < row["train/lr"] <= 0.05 and row["train/ema_decay"] <= 0.99
         assert row["train/teacher_updates"] == row["step"]
     evals = [r for r in rows if "eval/teacher/top1" in r]

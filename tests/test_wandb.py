@@ -87,6 +87,7 @@ def test_offline_run_holds_metrics_and_resume_continues_the_same_run(mnist_shard
     keys = {k for r in rows for k in r}
     assert {k.split("/")[0] for k in keys if "/" in k} == {"train", "eval", "data", "system", "val"}
     assert {"eval/student/top1", "eval/teacher/top1", "data/images_per_s", "data/errors"} <= keys
+    assert {"data/wait_fraction", "data/wait_fraction_worst", "data/wait_worst_rank"} <= keys
     assert {"system/step_time_s", "system/rss_gb", "system/world_size"} <= keys
     logged = {
         i.key: json.loads(i.value_json)
