@@ -18,7 +18,7 @@ from mtdist.data.views import (
     eval_resized_hw,
     eval_view_matrix,
     resample,
-    shrink_factors,
+    shrink_factor,
     to_decoded,
     train_view_matrix,
 )
@@ -79,7 +79,7 @@ def test_a_large_reduction_does_not_alias() -> None:
     stripes = np.zeros((1024, 1024, 4), np.uint8)
     stripes[:, ::2, :3] = 255
     m = train_view_matrix((1024, 1024), 0.0, (0, 0, 1024, 1024), False, 224)
-    assert shrink_factors(m) == (4, 4)
+    assert shrink_factor(m) == 4 and shrink_factor(m * 1.9) == 8 and shrink_factor(m / 3) == 1
     view = resample(stripes, m, (224, 224))[..., :3].astype(float)
     whole = TrainViewParams(0.0, (0, 0, 1024, 1024), False, (0, 1, 2, 3), (1.0, 1.0, 1.0, 0.0))
     ref = reference_train_view(torch.from_numpy(stripes[..., :3]).permute(2, 0, 1).contiguous(), whole, 224)
