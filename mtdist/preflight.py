@@ -25,14 +25,15 @@ if TYPE_CHECKING:  # torch loads only for a measurement: `mtdist plan --images-p
 
 # Mean ImageNet-1k train JPEG: the ILSVRC-2012 train set is ~140 GB for 1,281,167 images.
 DEFAULT_SAMPLE_BYTES = 110_000
-# Two-view samples per second per CPU core that a loader worker turns out (tar read, one decode, two
-# rotated crops resized to 224, flips, packed as uint8; colour jitter and normalisation run on the GPU).
-# An assumption for any other machine: benchmarks/data.py measured this figure for mtdist's worker half
-# on one core of the development VM (Intel Xeon 2.5 GHz, ImageNet-like JPEGs of 113 KB, 0.22 MP), see
-# benchmarks/RESULTS.md. The earlier default, 600, was a one-view estimate that left rotation out.
-DEFAULT_DECODE_PER_CORE = 168.0
+# Two-view samples per second per CPU core that a loader worker turns out (tar read, one decode, each
+# view one warp to 224, packed as uint8; colour jitter and normalisation run on the GPU). An assumption
+# for any other machine: benchmarks/data.py measured this figure for mtdist's fused worker half (issue
+# 14) on one core of the development VM (AMD EPYC, KVM, 2 vCPUs; ImageNet-like JPEGs of 113 KB, 0.22
+# MP): 693 and 691 in two runs, see benchmarks/RESULTS.md. Before the fused views it was 168 (Intel
+# Xeon 2.5 GHz VM); before that, 600, a one-view estimate that left rotation out.
+DEFAULT_DECODE_PER_CORE = 690.0
 DEFAULT_DECODE_SOURCE = (
-    "assumed: benchmarks/data.py's mtdist worker half on one Xeon 2.5 GHz core (benchmarks/RESULTS.md); "
+    "assumed: benchmarks/data.py's mtdist worker half on one AMD EPYC VM core (benchmarks/RESULTS.md); "
     "--measure-decode N measures it here on the run's shards"
 )
 
