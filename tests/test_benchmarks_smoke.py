@@ -48,3 +48,15 @@ def test_ema_benchmark_prints_every_figure_with_a_small_model():
         assert re.search(rf"{label}.*\d+\.\d\d ms", lines), lines
     assert [r["met"] is None for r in res["ratios"]] == [False, False, True]
     assert all(r["value"] > 0 for r in res["ratios"])
+
+
+def test_data_benchmark_runs_each_pipeline_in_its_own_process_and_reports_the_goals():
+    from benchmarks import data
+
+    res = data.run(num_images=12, rounds=1, batch=4)
+    assert all(res["images_per_cpu_s"][k] > 0 for k in (*data.PIPELINES, "device_half_cpu"))
+    assert [r["goal"] for r in res["ratios"]] == [">= 0.7", ">= 3.5"]
+    assert res["share_of_decode"] == res["ratios"][0]["value"] and res["ratio"] == res["ratios"][1]["value"]
+    assert 0 <= res["fidelity"]["train_mean"] <= res["fidelity"]["train_p99"] + 1
+    text = "\n".join(data.report_lines(res))
+    assert "mtdist worker half / decode only" in text and "fidelity, fused vs reference views" in text
