@@ -383,16 +383,68 @@ def report_lines(res: dict[str, Any]) -> list[str]:
     ]
 
 
+# ------------------------------------------------------------- global order vs sequential read (issue 13)
+def order_cost(num_images: int = 300, rounds: int = 5, batch: int = 32, seed: int = 0) -> dict[str, Any]:
+    """The worker half (ImagenetTrainGeometry views, collated) read two ways from the same shards, interleaved
+    round by round, one thread: today's sequential read (ShardStream, shard order + block shuffle, reader
+    order) and the global order (GlobalStream: one pread of each sample's byte range, data.order=global).
+    images/s per CPU second, medians over rounds; the goal: the global order costs at most 5%."""
+    import itertools
+
+    from mtdist.data.ordered import GlobalStream
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="mtdist-bench-order-") as tmp:
+        urls = write_benchmark_shards(Path(tmp), num_images, seed)
+        geometry = ImagenetTrainGeometry(OUTPUT_PX)
+        kw = dict(rank=0, world_size=1, seed=seed, transform=geometry, channels=3, views=2, labeled=True)
+        kw |= dict(shuffle_buffer=100)
+
+        def sequential() -> int:
+            return sum(len(v1) for v1, _ in _collate(iter(ShardStream(urls, infinite=False, **kw)), batch))
+
+        def global_order() -> int:
+            stream = GlobalStream(urls, infinite=True, batch_size=batch, **kw)
+            samples = itertools.islice(stream.reader_samples(0, 1), num_images)
+            return sum(len(v1) for v1, _ in _collate(samples, batch))
+
+        pipelines = {"sequential": sequential, "global_order": global_order}
+        for fn in pipelines.values():
+            fn()  # warm-up: page cache, offset tables (made at the first GlobalStream: one read per shard)
+        cpu: dict[str, list[float]] = {name: [] for name in pipelines}
+        for _ in range(rounds):
+            for name, fn in pipelines.items():
+                cpu[name].append(_timed(fn)[1])
+    rate = {name: num_images / statistics.median(t) for name, t in cpu.items()}
+    return {"images": num_images, "rounds": rounds, "images_per_cpu_s": rate,
+            "ratio": rate["global_order"] / rate["sequential"]}  # fmt: skip
+
+
+def order_report_lines(res: dict[str, Any]) -> list[str]:
+    rate = res["images_per_cpu_s"]
+    ok = "met" if res["ratio"] >= 0.95 else "NOT met"
+    return [
+        f"worker half, {res['images']} images, median of {res['rounds']} rounds, images/s per CPU second:",
+        f"  sequential read (reader order)  {rate['sequential']:8.1f}",
+        f"  global order (one pread/sample) {rate['global_order']:8.1f}",
+        f"  global / sequential = {res['ratio']:.3f} (goal >= 0.95: {ok})",
+    ]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=300)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--order", action="store_true", help="only the global order vs the sequential read")
     p.add_argument("--child", choices=list(PIPELINES), help=argparse.SUPPRESS)  # time_in_child's
     p.add_argument("urls", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args.child, args.urls, args.batch)
+    if args.order:
+        print("\n".join(order_report_lines(order_cost(args.images, max(args.rounds, 5), args.batch))))
+        return
     print("\n".join(report_lines(run(args.images, args.rounds, args.batch))))
 
 

@@ -32,6 +32,7 @@ import torch.distributed as torch_dist
 
 from mtdist.config import Config, to_dict
 from mtdist.dist import barrier
+from mtdist.plan import global_batches
 
 LATEST = "latest"
 BEST = "best"
@@ -99,21 +100,92 @@ def signature(cfg: Config, world_size: int) -> dict[str, Any]:
     m, d = cfg.model, cfg.data
     # only when set: checkpoints made before the key existed stay loadable
     per_gpu = {"data.batch_size_per_gpu": d.batch_size_per_gpu} if d.batch_size_per_gpu else {}
-    return per_gpu | {
-        "model.arch": m.arch,
-        "model.two_heads": m.two_heads,
-        "model.width": m.width,
-        "model.small_input": m.small_input,
-        "data.num_classes": d.num_classes,
-        "data.channels": d.channels,
-        "data.batch_size": d.batch_size,
-        "data.labeled_batch_size": d.labeled_batch_size,
-        "data.num_workers": d.num_workers,
-        "seed": cfg.seed,
-        "world_size": world_size,
-        "deepspeed.grad_accum_steps": cfg.deepspeed.grad_accum_steps,
-        "mean_teacher.enabled": cfg.mean_teacher.enabled,
+    return (
+        per_gpu
+        | {
+            "model.arch": m.arch,
+            "model.two_heads": m.two_heads,
+            "model.width": m.width,
+            "model.small_input": m.small_input,
+            "data.num_classes": d.num_classes,
+            "data.channels": d.channels,
+            "data.batch_size": d.batch_size,
+            "data.labeled_batch_size": d.labeled_batch_size,
+            "data.num_workers": d.num_workers,
+            "seed": cfg.seed,
+            "world_size": world_size,
+            "deepspeed.grad_accum_steps": cfg.deepspeed.grad_accum_steps,
+            "mean_teacher.enabled": cfg.mean_teacher.enabled,
+        }
+        | _global_order_signature(cfg, world_size)
+    )
+
+
+# The allocation-bound keys a data.order=global checkpoint does not need to match (the global batch does).
+MOVABLE = ("world_size", "data.num_workers", "data.batch_size_per_gpu")
+
+
+def _global_order_signature(cfg: Config, world_size: int) -> dict[str, Any]:
+    """In the global order a global step's samples do not depend on the allocation: what must match is the
+    global batch (and so the schedule in steps), not the ranks or workers (reader order: nothing added)."""
+    if cfg.data.order != "global":
+        return {}
+    batch, labeled = global_batches(cfg, world_size)
+    return {"data.order": "global", "global_batch_size": batch, "global_labeled_batch_size": labeled}
+
+
+def movable_signature(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The signature a checkpoint must match to resume here: all of it, less MOVABLE in the global order."""
+    current = signature(cfg, world_size)
+    if cfg.data.order == "global":
+        current = {k: v for k, v in current.items() if k not in MOVABLE}
+    return current
+
+
+def allocation_change(meta: dict[str, Any], world_size: int, num_workers: int) -> str:
+    """'' when the checkpoint was made on this allocation, else what changed, for the log."""
+    saved = meta.get("allocation") or {
+        "world_size": meta["signature"].get("world_size"),
+        "num_workers": meta["signature"].get("data.num_workers"),
     }
+    now = {"world_size": ("ranks", world_size), "num_workers": ("loader workers", num_workers)}
+    changes = [
+        f"{what} {saved[key]} -> {value}"
+        for key, (what, value) in now.items()
+        if saved.get(key) is not None and saved[key] != value
+    ]
+    return ", ".join(changes)
+
+
+def saved_world_size(meta: dict[str, Any], default: int) -> int:
+    saved = (meta.get("allocation") or {}).get("world_size") or meta["signature"].get("world_size")
+    return int(saved or default)
+
+
+def source_rank(rank: int, saved_world: int) -> int:
+    """The saved rank whose per-rank state (teacher, BN buffers, RNG) a rank takes on another allocation:
+    its own where it existed, else rank mod saved ranks. Teacher and student weights are equal on all
+    ranks; their BN buffers are per rank (teacher_bn=own) or equal (average): either way a rank continues
+    from the statistics of a rank that saw the same kind of data."""
+    return rank if rank < saved_world else rank % saved_world
+
+
+def moved_position(meta: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """A rank's data position on another allocation (global order): the saved step, and per stream the
+    corrupt samples dropped by the saved ranks it inherits (saved rank o goes to rank o mod world_size),
+    so the run's total stays exact; the loader puts a total on worker 0 (GlobalStream.take_skipped)."""
+    positions = meta.get("data_positions") or []
+    if not positions:
+        return {}
+    batches = {p["batches"] for p in positions}
+    if len(batches) != 1:
+        raise ValueError(f"the saved ranks' positions differ ({sorted(batches)}): not a global-order save")
+    streams = positions[0]["skipped"]
+    skipped = {
+        name: [sum(sum(p["skipped"][name]) for o, p in enumerate(positions) if o % world_size == rank)]
+        for name in streams
+    }
+    return {"batches": batches.pop(), "skipped": skipped}
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
@@ -241,9 +313,14 @@ def load_rank_state(folder: Path, rank: int) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def make_meta(cfg: Config, state: TrainState, world_size: int) -> dict[str, Any]:
+def make_meta(
+    cfg: Config, state: TrainState, world_size: int, data_positions: list[dict] | None = None
+) -> dict[str, Any]:
+    """`data_positions`: every rank's data position, in rank order (a resume on another allocation)."""
     return {
         "train_state": state.state_dict(),
         "signature": signature(cfg, world_size),
         "config": to_dict(cfg),
+        "allocation": {"world_size": world_size, "num_workers": cfg.data.num_workers},
+        "data_positions": data_positions or [],
     }

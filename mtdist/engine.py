@@ -13,6 +13,7 @@ from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.checkpoint.constants import BASE_OPTIMIZER_STATE_STEP
 from torch import nn
 
 from mtdist.config import Config
@@ -118,3 +119,62 @@ def build_engine(cfg: Config, student: nn.Module, plan: Plan) -> Any:
         # back (~15% of a CPU step in benchmarks/step.py); the result is the same without it
         engine.enable_backward_allreduce = False
     return engine
+
+
+def load_checkpoint(engine: Any, root: str, tag: str, saved_world_size: int, optimizer: bool = True) -> None:
+    """Student, optimizer state, lr schedule and loss scaler of a checkpoint, on this or another number of
+    ranks. ZeRO 1/2 on another data-parallel size: DeepSpeed's load_checkpoint refuses to re-split the
+    optimizer state (ZeRORuntimeException, "Automatic adjustment of ZeRO's optimizer state partitioning
+    with a new world size is not currently supported"), though its optimizer can merge and re-split a
+    checkpoint saved in the elastic layout (plan._elastic, data.order=global). So: load the module, the
+    schedule and the fp32 master weights (re-split) without the optimizer state, then hand the optimizer
+    every saved partition's state to merge and cut for this rank. `optimizer=False` (evaluation): the
+    student's weights only, from any checkpoint."""
+    if not optimizer:
+        engine.load_checkpoint(root, tag=tag, load_optimizer_states=False)
+        return
+    if not engine.zero_optimization() or not engine.zero_elastic_checkpoint():
+        if engine.zero_optimization() and saved_world_size != engine.dp_world_size:
+            raise ValueError(
+                f"checkpoint {root}/{tag} partitions its ZeRO optimizer state over {saved_world_size} ranks, "
+                f"this run has {engine.dp_world_size}: resume it on {saved_world_size} ranks (only "
+                f"data.order=global runs save it in the layout another number of ranks can re-split)"
+            )
+        engine.load_checkpoint(root, tag=tag)
+        return
+    engine.load_checkpoint(root, tag=tag, load_optimizer_states=False)
+    saved = engine._get_all_zero_checkpoints(root, tag)  # every saved rank's partition, in rank order
+    if saved is None or isinstance(saved[0]["base_optimizer_state"], dict):
+        raise ValueError(
+            f"checkpoint {root}/{tag} holds ZeRO optimizer state in the rigid layout of its "
+            f"{saved_world_size} ranks: resume it on {saved_world_size} ranks (only checkpoints of "
+            f"data.order=global runs are saved in the layout another number of ranks can re-split)"
+        )
+    groups = engine.optimizer.optimizer.param_groups
+    had_step = "step" in groups[0]
+    for state in saved:  # the elastic merge asserts a group "step", which SGD's groups never have
+        state.setdefault(BASE_OPTIMIZER_STATE_STEP, None)
+    engine.optimizer.load_state_dict(
+        state_dict_list=_Partitions(saved),
+        load_optimizer_states=True,
+        load_from_fp32_weights=engine.zero_load_from_fp32_weights(),
+        param_shapes=engine._get_zero_param_shapes(),
+    )
+    if not had_step:  # it wrote that placeholder into every group
+        for group in groups:
+            group.pop("step", None)
+    # The elastic merge restores the state tensors only, not the groups' lr, which the rigid load takes
+    # from the saved param_groups: set it from the restored schedule, as an uninterrupted run has it.
+    for group, lr in zip(groups, engine.lr_scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
+
+
+class _Partitions(list):
+    """The saved partitions' states, in saved rank order. DeepSpeed reads the global part of a partition
+    (loss scaler, clipping, layout) at index dp_rank, which a grown world's new ranks lack; that part is
+    the same in every partition, so they read the first. Iteration (the merge) sees each one once."""
+
+    def __getitem__(self, index):  # noqa: ANN001, ANN204 - list's own signature
+        if isinstance(index, int) and index >= len(self):
+            index = 0
+        return super().__getitem__(index)

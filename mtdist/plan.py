@@ -277,6 +277,12 @@ def _scaling(plan: Plan) -> Scaling:
     return plan.scaling
 
 
+def _elastic(cfg: Config) -> dict[str, Any]:
+    """data.order=global with ZeRO 1/2: optimizer state saved merged per group (DeepSpeed's elastic
+    layout), so that a resume on another number of ranks can re-split it (engine.load_checkpoint)."""
+    return {"elastic_checkpoint": True} if cfg.data.order == "global" and cfg.deepspeed.zero_stage else {}
+
+
 def deepspeed_config(cfg: Config, micro_batch_per_gpu: int, batch_size: int = 0) -> dict[str, Any]:
     """The DeepSpeed JSON. Mixed precision is torch autocast: fp32 weights, BN in fp32 (convnets need it).
     `batch_size`: the global batch (global_batches); 0 = data.batch_size."""
@@ -285,7 +291,7 @@ def deepspeed_config(cfg: Config, micro_batch_per_gpu: int, batch_size: int = 0)
         "train_batch_size": batch_size or cfg.data.batch_size,
         "train_micro_batch_size_per_gpu": micro_batch_per_gpu,
         "gradient_accumulation_steps": ds.grad_accum_steps,
-        "zero_optimization": {"stage": ds.zero_stage},
+        "zero_optimization": {"stage": ds.zero_stage} | _elastic(cfg),
         # our SGD/AdamW are client optimizers; DeepSpeed tests ZeRO only with its own
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,

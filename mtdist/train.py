@@ -28,7 +28,7 @@ from mtdist.config import Config, load_config_dict, save_config, to_dict
 from mtdist.data import EvalBatches
 from mtdist.dist import DistEnv, dist_env_from_environ, init_process_group, sum_over_ranks
 from mtdist.ema import Teacher, check_synchronized, flatten_parameters_
-from mtdist.engine import build_engine, init_distributed
+from mtdist.engine import build_engine, init_distributed, load_checkpoint
 from mtdist.evaluate import evaluate
 from mtdist.inputs import build_train_batches, check_eval_shards, check_shards_exist, eval_batches
 from mtdist.logger import MetricsLogger, new_run_id
@@ -209,12 +209,18 @@ def resume(
     if folder is None:
         return TrainState(step=0, wandb_run_id=new_run_id()), {}
     meta = checkpoint.read_meta(folder)
-    current = checkpoint.signature(cfg, env.world_size)
+    current = checkpoint.movable_signature(cfg, env.world_size)
     if not exact:
-        current = {k: v for k, v in current.items() if k not in ("world_size", "data.num_workers")}
+        skip = (*checkpoint.MOVABLE, "global_batch_size", "global_labeled_batch_size")  # evaluation only
+        current = {k: v for k, v in current.items() if k not in skip}
     checkpoint.check_compatible(meta["signature"], current, folder)
-    engine.load_checkpoint(str(folder.parent), tag=folder.name)
-    rank_state = checkpoint.load_rank_state(folder, env.rank)
+    # data.order=global: another allocation continues the same global steps (checkpoint.moved_position)
+    moved = checkpoint.allocation_change(meta, env.world_size, cfg.data.num_workers) if exact else ""
+    saved_world = checkpoint.saved_world_size(meta, env.world_size)
+    if moved:
+        log.info("resuming %s on another allocation: %s; global batch and schedule unchanged", folder, moved)
+    load_checkpoint(engine, str(folder.parent), folder.name, saved_world, optimizer=exact)
+    rank_state = checkpoint.load_rank_state(folder, checkpoint.source_rank(env.rank, saved_world))
     if teacher is not None:
         teacher.load_state_dict(rank_state["teacher"])
     # DeepSpeed restored rank 0's module on every rank; BN statistics are per rank
@@ -223,6 +229,8 @@ def resume(
     state = TrainState()
     state.load_state_dict(meta["train_state"])
     log.info("resumed from %s at step %d", folder, state.step)
+    if moved:
+        return state, checkpoint.moved_position(meta, env.rank, env.world_size)
     return state, rank_state.get("data", {}) if exact else {}
 
 
@@ -237,7 +245,11 @@ def save_checkpoint(run: Run) -> Path:
         "rng": checkpoint.rng_state(),
         "data": run.train_batches.state_dict(run.state.step * run.cfg.deepspeed.grad_accum_steps),
     }
-    meta = checkpoint.make_meta(run.cfg, run.state, run.env.world_size)
+    # every rank's position in meta.json: a resume on another number of ranks re-divides them
+    positions = [None] * run.env.world_size if torch_dist.is_initialized() else [rank_state["data"]]
+    if torch_dist.is_initialized():
+        torch_dist.all_gather_object(positions, rank_state["data"])
+    meta = checkpoint.make_meta(run.cfg, run.state, run.env.world_size, positions)
     folder = checkpoint.save(
         run.checkpoint_root, run.engine, rank_state, meta, run.state.step, run.cfg.checkpoint.keep_last
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch.distributed as torch_dist
 
+from mtdist.cli import _setup_logging
 from mtdist.config import load_config
 from mtdist.train import build_run, train_loop
 
@@ -35,6 +36,7 @@ class RecordingBatches(Iterator[tuple]):
 
 
 def main(config: str, out: str, overrides: list[str]) -> None:
+    _setup_logging()  # as `mtdist train` does: rank 0's resume line (what changed) reaches the output
     run = build_run(load_config(config, overrides))
     run.train_batches = recorder = RecordingBatches(run.train_batches)
     train_loop(run)

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -313,147 +314,142 @@ def test_impossible_request_is_refused_with_slurms_reason(
 # ---------------------------------------------------------------- failures: requeued by the job itself
 
 FAULT_STEP = 6  # after the checkpoint of step 4 (checkpoint.interval_steps=4), before the one of step 8
+# name: (launcher, MTDIST_TEST_FAULT); "once" faults fire in the first run of the job only
+FAULTS = {
+    "kill": ("submit", f"kill:1:{FAULT_STEP}:once"),
+    "raise": ("submit", f"raise:1:{FAULT_STEP}:once"),
+    "hang": ("submit", f"hang:1:{FAULT_STEP}:once"),
+    "repeat": ("submit", f"raise:1:{FAULT_STEP}"),
+    "sbatch_kill": ("sbatch", f"kill:1:{FAULT_STEP}:once"),
+}
 
 
-def fault_overrides(shards: dict[str, str], run_dir: Path, *extra: str) -> list[str]:
+@dataclass(frozen=True)
+class FaultJob:
+    job_id: str
+    run_dir: Path
+    log: Path  # rank 0's log (submitit) or the batch script's output (sbatch)
+
+
+def fault_overrides(shards: dict[str, str], run_dir: Path, name: str) -> list[str]:
+    # the hang job's watchdog fires after 30 s without progress; the others' must not fire at all,
+    # however slow the loaded machine makes a start-up phase
+    hang_s = 30 if name == "hang" else 300
     return [
         *train_overrides(shards, run_dir, max_steps=SIGNAL_STEPS),
         "checkpoint.interval_steps=4",
-        "dist.hang_timeout_s=20",
-        *extra,
+        f"dist.hang_timeout_s={hang_s}",
     ]
 
 
-def launch_with_fault(
-    fault: str, run_dir: Path, cluster: SlurmCluster, overrides: list[str]
-) -> tuple[str, subprocess.CompletedProcess]:
-    env = cluster.env | {TEST_FAULT_ENV: fault}
-    cmd = [sys.executable, "-m", "mtdist", "submit", "--config", str(TINY), *overrides, *cluster_overrides(1)]
+def submit_fault_job(name: str, folder: Path, shards: dict[str, str], cluster: SlurmCluster) -> FaultJob:
+    launcher, fault = FAULTS[name]
+    run_dir, env = folder / "run", cluster.env | {TEST_FAULT_ENV: fault}
+    if launcher == "submit":
+        cmd = [sys.executable, "-m", "mtdist", "submit", "--config", str(TINY)]
+        cmd += [*fault_overrides(shards, run_dir, name), *cluster_overrides(1)]
+    else:
+        cmd = ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10"]
+        cmd += ["--gpus-per-node=0", f"--output={folder}/%j.out", "slurm/train.sbatch", str(TINY)]
+        cmd += fault_overrides(shards, run_dir, name)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=JOB_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr
-    return job_id_of(proc.stdout), proc
+    if launcher == "submit":
+        job_id = job_id_of(proc.stdout)
+        return FaultJob(job_id, run_dir, run_dir / "slurm" / f"{job_id}_0_log.err")
+    job_id = proc.stdout.strip()
+    return FaultJob(job_id, run_dir, folder / f"{job_id}.out")
 
 
-def check_recovered(
-    run_dir: Path, job_id: str, cluster: SlurmCluster, uninterrupted: Path, log: Path
-) -> dict:
+@pytest.fixture(scope="module")
+def fault_jobs(slurm_cluster, mnist_shards, tmp_path_factory) -> dict[str, FaultJob]:
+    """Every failure job, submitted at once: they run side by side on the two nodes and their requeue
+    delays overlap (one after the other they took 4-5 minutes); each test waits for its own."""
+    return {
+        name: submit_fault_job(name, tmp_path_factory.mktemp(name), mnist_shards, slurm_cluster)
+        for name in FAULTS
+    }
+
+
+def check_recovered(job: FaultJob, cluster: SlurmCluster, uninterrupted: Path) -> dict:
     """The job requeued itself once after the failure, resumed from step 4 and ended with the weights of
     the uninterrupted job; returns the decision it logged."""
-    state = cluster.wait(job_id, JOB_TIMEOUT_S)
-    assert state == "COMPLETED", log.read_text()[-6000:] if log.is_file() else state
-    assert cluster.states(job_id) == ["REQUEUED", "COMPLETED"]
-    (decision,) = decisions(run_dir)
+    state = cluster.wait(job.job_id, JOB_TIMEOUT_S)
+    assert state == "COMPLETED", job.log.read_text()[-6000:] if job.log.is_file() else state
+    assert cluster.states(job.job_id) == ["REQUEUED", "COMPLETED"]
+    (decision,) = decisions(job.run_dir)
     assert decision["requeue"] and decision["step"] == FAULT_STEP, decision
-    assert decision["attempt"] == f"{job_id}.0"
-    assert "resumed from " in log.read_text() and checkpoint_tag(4) in log.read_text()
-    check_trained(run_dir, world_size=2, max_steps=SIGNAL_STEPS, redone=(FAULT_STEP,))
-    assert_bitwise_equal(final_state(run_dir, SIGNAL_STEPS, 2), final_state(uninterrupted, SIGNAL_STEPS, 2))
-    report_recovery_times(run_dir, job_id, decision)
+    assert decision["attempt"] == f"{job.job_id}.0"
+    assert "resumed from " in job.log.read_text() and checkpoint_tag(4) in job.log.read_text()
+    check_trained(job.run_dir, world_size=2, max_steps=SIGNAL_STEPS, redone=(FAULT_STEP,))
+    final = final_state(job.run_dir, SIGNAL_STEPS, 2)
+    assert_bitwise_equal(final, final_state(uninterrupted, SIGNAL_STEPS, 2))
+    report_recovery_times(job, decision)
     return decision
 
 
-def report_recovery_times(run_dir: Path, job_id: str, decision: dict) -> None:
-    """Printed for the record (pytest -s): the failure -> the job's end -> the resumed run's first step."""
-    failed_at = min(p.stat().st_mtime for p in (run_dir / "failures").glob("test-fault-*"))
+def report_recovery_times(job: FaultJob, decision: dict) -> None:
+    """Printed for the record (pytest -s): the failure -> the job's end -> the resumed run's first step.
+    The jobs run side by side here: one job alone is faster (README, "When things go wrong")."""
+    failed_at = min(p.stat().st_mtime for p in (job.run_dir / "failures").glob("test-fault-*"))
     out = subprocess.run(
-        ["sacct", "-n", "-X", "-D", "-P", "-j", job_id, "-o", "End"], capture_output=True, text=True
+        ["sacct", "-n", "-X", "-D", "-P", "-j", job.job_id, "-o", "End"], capture_output=True, text=True
     ).stdout.split()
     ended = time.mktime(time.strptime(out[0], "%Y-%m-%dT%H:%M:%S"))
-    resumed = min(r["time"] for r in read_metrics(run_dir) if r["time"] > decision["time"])
+    resumed = min(r["time"] for r in read_metrics(job.run_dir) if r["time"] > decision["time"])
     print(
-        f"\n[recovery] job {job_id}: failure -> decision {decision['time'] - failed_at:.1f} s, "
+        f"\n[recovery] job {job.job_id}: failure -> decision {decision['time'] - failed_at:.1f} s, "
         f"-> job end {ended - failed_at:.0f} s (sacct, 1 s resolution), "
         f"-> first metrics row of the resumed run {resumed - failed_at:.1f} s"
     )
 
 
-def test_submitit_job_requeues_itself_after_a_rank_is_killed(
-    slurm_cluster, mnist_shards, tmp_path, uninterrupted
-):
+def test_submitit_job_requeues_itself_after_a_rank_is_killed(slurm_cluster, fault_jobs, uninterrupted):
     """SIGKILL of rank 1's training process between two checkpoints (an OOM kill): rank 0's next
     collective fails, rank 0 finds no record from rank 1, decides and requeues the job; the restarted
     job resumes from the checkpoint of step 4 and ends with the uninterrupted job's weights, bitwise."""
-    run_dir = tmp_path / "run"
-    job_id, _ = launch_with_fault(
-        f"kill:1:{FAULT_STEP}:once", run_dir, slurm_cluster, fault_overrides(mnist_shards, run_dir)
-    )
-    decision = check_recovered(
-        run_dir, job_id, slurm_cluster, uninterrupted, run_dir / "slurm" / f"{job_id}_0_log.err"
-    )
+    decision = check_recovered(fault_jobs["kill"], slurm_cluster, uninterrupted)
     assert decision["cause"].startswith("rank(s) 1 left no record"), decision
 
 
 def test_submitit_job_requeues_itself_after_an_exception_on_one_rank(
-    slurm_cluster, mnist_shards, tmp_path, uninterrupted
+    slurm_cluster, fault_jobs, uninterrupted
 ):
-    run_dir = tmp_path / "run"
-    job_id, _ = launch_with_fault(
-        f"raise:1:{FAULT_STEP}:once", run_dir, slurm_cluster, fault_overrides(mnist_shards, run_dir)
-    )
-    decision = check_recovered(
-        run_dir, job_id, slurm_cluster, uninterrupted, run_dir / "slurm" / f"{job_id}_0_log.err"
-    )
+    decision = check_recovered(fault_jobs["raise"], slurm_cluster, uninterrupted)
     assert decision["cause"].startswith(f"rank 1 (exception at step {FAULT_STEP}, in train step"), decision
     assert "RuntimeError: test fault: rank 1 raises at step 6" in decision["cause"]
 
 
-def test_submitit_job_requeues_itself_after_a_rank_hangs(
-    slurm_cluster, mnist_shards, tmp_path, uninterrupted
-):
+def test_submitit_job_requeues_itself_after_a_rank_hangs(slurm_cluster, fault_jobs, uninterrupted):
     """Rank 1 stops making progress: its watchdog writes the stacks (naming the stuck frame), records the
     hang and the job is requeued; the restarted job ends with the uninterrupted job's weights."""
-    run_dir = tmp_path / "run"
-    job_id, _ = launch_with_fault(
-        f"hang:1:{FAULT_STEP}:once", run_dir, slurm_cluster, fault_overrides(mnist_shards, run_dir)
-    )
-    decision = check_recovered(
-        run_dir, job_id, slurm_cluster, uninterrupted, run_dir / "slurm" / f"{job_id}_0_log.err"
-    )
+    job = fault_jobs["hang"]
+    decision = check_recovered(job, slurm_cluster, uninterrupted)
     assert f"rank 1 (hang at step {FAULT_STEP}" in decision["cause"], decision
-    stacks = (run_dir / "hang-rank00001.txt").read_text()
+    stacks = (job.run_dir / "hang-rank00001.txt").read_text()
     assert "in _hang_for_the_test" in stacks and "in train_loop" in stacks
 
 
-def test_a_failure_at_the_same_step_twice_ends_the_job(slurm_cluster, mnist_shards, tmp_path):
+def test_a_failure_at_the_same_step_twice_ends_the_job(slurm_cluster, fault_jobs):
     """Rank 1 raises at step 6 in every run (a deterministic bug): requeued once, then the job ends with
     the decision's message instead of looping."""
-    run_dir = tmp_path / "run"
-    job_id, _ = launch_with_fault(
-        f"raise:1:{FAULT_STEP}", run_dir, slurm_cluster, fault_overrides(mnist_shards, run_dir)
-    )
-    log = run_dir / "slurm" / f"{job_id}_0_log.err"
-    assert slurm_cluster.wait(job_id, JOB_TIMEOUT_S) == "FAILED", log.read_text()[-5000:]
-    assert slurm_cluster.states(job_id) == ["REQUEUED", "FAILED"]
-    first, second = decisions(run_dir)
+    job = fault_jobs["repeat"]
+    assert slurm_cluster.wait(job.job_id, JOB_TIMEOUT_S) == "FAILED", job.log.read_text()[-5000:]
+    assert slurm_cluster.states(job.job_id) == ["REQUEUED", "FAILED"]
+    first, second = decisions(job.run_dir)
     assert first["requeue"] and not second["requeue"]
     assert second["action"].startswith(f"not requeued: it failed again at step {FAULT_STEP}, as the previous")
-    logs = "".join(p.read_text() for p in (run_dir / "slurm").glob(f"{job_id}_*_log.err"))
-    assert f"job {job_id} failed: rank 1 (exception at step {FAULT_STEP}" in logs
+    logs = "".join(p.read_text() for p in (job.run_dir / "slurm").glob(f"{job.job_id}_*_log.err"))
+    assert f"job {job.job_id} failed: rank 1 (exception at step {FAULT_STEP}" in logs
     assert "a deterministic bug, not bad luck" in logs
 
 
-def test_sbatch_script_requeues_the_job_after_a_rank_is_killed(
-    slurm_cluster, mnist_shards, tmp_path, uninterrupted
-):
+def test_sbatch_script_requeues_the_job_after_a_rank_is_killed(slurm_cluster, fault_jobs, uninterrupted):
     """slurm/train.sbatch: rank 1 SIGKILLed between two checkpoints; srun ends the tasks, `mtdist
     recover` decides, the script requeues, and the restarted job ends with the uninterrupted weights."""
-    run_dir = tmp_path / "run"
-    cmd = [
-        "sbatch",
-        "--parsable",
-        *("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10", "--gpus-per-node=0"),
-        f"--output={tmp_path}/%j.out",
-        "slurm/train.sbatch",
-        str(TINY),
-        *fault_overrides(mnist_shards, run_dir),
-    ]
-    env = slurm_cluster.env | {TEST_FAULT_ENV: f"kill:1:{FAULT_STEP}:once"}
-    submitted = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-    assert submitted.returncode == 0, submitted.stderr
-    job_id = submitted.stdout.strip()
-    log = tmp_path / f"{job_id}.out"
-    decision = check_recovered(run_dir, job_id, slurm_cluster, uninterrupted, log)
+    job = fault_jobs["sbatch_kill"]
+    decision = check_recovered(job, slurm_cluster, uninterrupted)
     assert "rank(s) 1 left no record" in decision["cause"], decision
-    text = log.read_text()
+    text = job.log.read_text()
     assert f"mtdist: run failed: {decision['cause']}; requeued (failure 1 of at most 3)" in text
-    assert f"mtdist: requeueing job {job_id} after a failure" in text
+    assert f"mtdist: requeueing job {job.job_id} after a failure" in text

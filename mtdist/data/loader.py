@@ -138,7 +138,12 @@ def build_train_loader(
     names = [STREAM_NAMES[stream] for *_, stream in parts]
     record = BatchRecord(start_batch, {name: skipped.get(name, ()) for name in names}, num_workers)
     batches = _zip_batches(loaders, pin=pin_memory and torch.cuda.is_available(), record=record)
-    if batch_transform is not None:
+    if batch_transform is not None and stream_class is GlobalStream:
+        key = seed_key(stream_seed(seed, BATCH_AUGMENT_STREAM))  # no rank: seeded by place, see below
+        places = _global_places(rank, world_size, labeled_per_gpu, unlabeled_per_gpu)
+        per_step = world_size * (labeled_per_gpu + unlabeled_per_gpu)
+        batches = _augment_by_place(batches, batch_transform, key, start_batch, places, per_step)
+    elif batch_transform is not None:
         key = seed_key(stream_seed(seed, BATCH_AUGMENT_STREAM), rank)
         batches = _augment_batches(batches, batch_transform, key, start_batch)
     return TrainBatches(batches, record, labeled_per_gpu + unlabeled_per_gpu, loaders)
@@ -368,6 +373,35 @@ def _augment_batches(
     for i, (view1, view2, labels) in enumerate(batches, start_batch):
         gen.manual_seed(int(counter_seeds(key, i, 1)[0]))
         yield transform(view1, gen), transform(view2, gen), labels
+
+
+def _global_places(rank: int, world_size: int, labeled: int, unlabeled: int) -> np.ndarray:
+    """Each sample's place in its global step (the global batch's labeled images first, then the
+    unlabeled ones), the same for a sample whatever the world size."""
+    lab = rank * labeled + np.arange(labeled)
+    unl = world_size * labeled + rank * unlabeled + np.arange(unlabeled)
+    return np.concatenate([lab, unl])
+
+
+def _augment_by_place(
+    batches: Iterator[tuple],
+    transform: Transform,
+    key: int,
+    start_batch: int,
+    places: np.ndarray,
+    per_step: int,
+) -> Iterator[tuple]:
+    """A batched transform in the global order: each sample's draws from a generator seeded by its place
+    (global step, place in it), so a sample is augmented alike on any allocation. One call per sample: a
+    batched transform draws for the whole batch it is given (a batch of another size draws otherwise)."""
+    gen = torch.Generator()
+    for i, (view1, view2, labels) in enumerate(batches, start_batch):
+        out1, out2 = [], []
+        for j, seed in enumerate(counter_seeds(key, i * per_step, per_step)[places]):
+            gen.manual_seed(int(seed))
+            out1.append(transform(view1[j : j + 1], gen))
+            out2.append(transform(view2[j : j + 1], gen))
+        yield torch.cat(out1), torch.cat(out2), labels
 
 
 def _cat(parts: list[torch.Tensor], pin: bool) -> torch.Tensor:
