@@ -246,3 +246,12 @@ def test_a_corrupt_sample_is_replaced_by_its_places_substitute_on_any_allocation
     stream = _stream(spec, 0, 1, batch_size=64, report_skipped=True)
     dropped = sum(sample[-1] for _, sample in zip(range(60), stream.reader_samples(0, 1), strict=False))
     assert dropped >= 6  # every corrupt place of the epoch met at least once (a substitute may be bad too)
+
+
+def test_the_order_benchmark_runs_small() -> None:
+    """benchmarks/data.py --order: both reads of the worker half, side by side (tiny: 16 images, 1 round)."""
+    from benchmarks.data import order_cost, order_report_lines
+
+    res = order_cost(num_images=16, rounds=1, batch=4)
+    assert set(res["images_per_cpu_s"]) == {"sequential", "global_order"} and res["ratio"] > 0
+    assert "global / sequential" in order_report_lines(res)[-1]
