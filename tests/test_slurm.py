@@ -80,7 +80,7 @@ def check_trained(run_dir: Path, world_size: int, max_steps: int = 4, redone: tu
 
 def _without_timings(row: dict) -> dict:
     timings = ("time", "data/images_per_s", "system/step_time_s", "system/rss_gb")
-    return {k: v for k, v in row.items() if k not in timings}
+    return {k: v for k, v in row.items() if k not in timings and not k.startswith("data/wait")}
 
 
 def job_id_of(stdout: str) -> str:
@@ -453,3 +453,26 @@ def test_sbatch_script_requeues_the_job_after_a_rank_is_killed(slurm_cluster, fa
     text = job.log.read_text()
     assert f"mtdist: run failed: {decision['cause']}; requeued (failure 1 of at most 3)" in text
     assert f"mtdist: requeueing job {job.job_id} after a failure" in text
+
+
+def test_a_two_task_per_node_checkpoint_resumes_as_one_task_per_node(slurm_cluster, mnist_shards, tmp_path):
+    """data.order=global (issue 13): a job checkpointed as 2 nodes x 2 tasks (world 4) at step 2 resumes as
+    2 nodes x 1 task (world 2) and completes; rank 0 logs the move, the steps after it are logged once each
+    at world size 2, and the final evaluation still sees every val image once."""
+    moved = ["data.order=global", "checkpoint.interval_steps=2", "checkpoint.keep_last=5"]
+    source = tmp_path / "source"
+    args = [*train_overrides(mnist_shards, source), *moved, *cluster_overrides(2)]
+    check_launched(launch([*args, "--wait"], slurm_cluster), args, source, 2, slurm_cluster)
+    run_dir = tmp_path / "moved"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    tag = checkpoint_tag(2)
+    subprocess.run(["cp", "-r", str(source / "checkpoints" / tag), str(run_dir / "checkpoints")], check=True)
+    (run_dir / "checkpoints" / "latest").write_text(tag)
+    args = [*train_overrides(mnist_shards, run_dir), *moved, *cluster_overrides(1)]
+    proc = launch([*args, "--wait"], slurm_cluster)
+    check_launched(proc, args, run_dir, 1, slurm_cluster)
+    rows = [r for r in read_metrics(run_dir) if "train/loss_total" in r]
+    assert [r["step"] for r in rows] == [4] and {r["system/world_size"] for r in rows} == {2}
+    assert json.loads((run_dir / "final.json").read_text())["val/count"] == 120
+    logs = "".join(p.read_text() for p in (run_dir / "slurm").glob("*_0_log.*"))
+    assert "on another allocation: ranks 4 -> 2; global batch and schedule unchanged" in logs
