@@ -255,3 +255,41 @@ def test_the_order_benchmark_runs_small() -> None:
     res = order_cost(num_images=16, rounds=1, batch=4)
     assert set(res["images_per_cpu_s"]) == {"sequential", "global_order"} and res["ratio"] > 0
     assert "global / sequential" in order_report_lines(res)[-1]
+
+
+def test_a_moved_resume_near_the_error_bound_restarts_each_readers_bound(tmp_path: Path) -> None:
+    """Inherited dropped samples (checkpoint.moved_position: one total) near the bound, resumed with 2
+    workers: the record keeps the exact total, but no worker is judged by the rank's total against its
+    own share of the raw samples (that would trip the bound at once: DataError stops the run)."""
+    from mtdist.data import ErrorBound, build_train_loader, write_shards
+    from mtdist.data.shards import encode_png
+
+    good = np.random.default_rng(0).integers(0, 256, size=(6, 6), dtype=np.uint8)
+    samples = [
+        {"__key__": f"s{i:03d}", "png": b"not a png" if i % 10 == 3 else encode_png(good), "cls": 0}
+        for i in range(60)
+    ]
+    write_shards(samples, tmp_path, "bad", samples_per_shard=25)
+    spec = str(tmp_path / "bad.index.json")
+
+    def loader(start: int, skipped: dict | None, bound: ErrorBound):
+        return build_train_loader(
+            _urls(spec), [], labeled_per_gpu=8, unlabeled_per_gpu=0, rank=0, world_size=1, seed=3,
+            transform=EVAL, channels=1, num_workers=2, shuffle_buffer=30, start_batch=start, order="global",
+            sample_counts=shard_sample_counts(spec), skipped=skipped, error_bound=bound,
+        )  # fmt: skip
+
+    start, steps = 10, 4
+    whole = loader(0, None, ErrorBound(1.0, 0))
+    for _ in range(start + steps):
+        next(whole)
+    inherited, final = whole.report(start).errors_total, whole.report(start + steps).errors_total
+    whole.close()
+    bound = ErrorBound(0.15, 0)
+    assert inherited / (start * 8 + inherited) < bound.max_fraction  # the run as a whole is within it
+    assert inherited / (start // 2 * 8 + inherited) > bound.max_fraction  # worker 0's share alone is not
+    resumed = loader(start, {"labeled": [inherited]}, bound)
+    for _ in range(steps):
+        next(resumed)
+    assert resumed.report(start + steps).errors_total == final
+    resumed.close()

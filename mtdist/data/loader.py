@@ -127,8 +127,8 @@ def build_train_loader(
         if stream_class is ShardStream:
             check_readers(len(urls), world_size, num_workers)
             check_skipped(stream_skipped, num_workers)
-        else:
-            stream_skipped = skipped[STREAM_NAMES[stream]] = take_skipped(stream_skipped, num_workers)
+        else:  # the record keeps the (inherited) totals; a reader's bound restarts on another layout
+            skipped[STREAM_NAMES[stream]] = take_skipped(stream_skipped, num_workers)
         dataset = stream_class(
             urls, seed=stream_seed(seed, stream), labeled=labeled, batch_size=batch_size,
             skipped=stream_skipped, **common,

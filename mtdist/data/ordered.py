@@ -69,7 +69,8 @@ class GlobalStream(ShardStream):
         workers = max(num_workers, 1)
         self.reader = TarReader()
         # Per-worker dropped counts follow a worker only while the worker count is unchanged; else the
-        # total is kept by the loader's record and the bound restarts for each reader.
+        # total is kept by the loader's record (take_skipped) and each reader's bound restarts: errors 0
+        # against its own raw count, never the rank's inherited total against one worker's share.
         skipped = self.skipped[worker] if len(self.skipped) == workers else 0
         raw = self.start_batch // workers * self.batch_size + skipped
         tally = _Tally(f"rank {self.rank}, worker {worker}", self.error_bound, raw=raw, errors=skipped)
@@ -141,7 +142,8 @@ class GlobalStream(ShardStream):
 
 def take_skipped(skipped: Sequence[int], num_workers: int) -> list[int]:
     """A resumed record's per-worker dropped counts: as saved with the same worker count, else the
-    saved total on worker 0 (the total, what errors_total reports, stays exact)."""
+    saved total on worker 0 (the total, what errors_total reports, stays exact). For the BatchRecord
+    only: the streams get the saved list, so a reader's error bound restarts on another layout."""
     workers = max(num_workers, 1)
     if not skipped or len(skipped) == workers:
         return [int(n) for n in skipped]
