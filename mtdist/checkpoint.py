@@ -135,8 +135,10 @@ def _global_order_signature(cfg: Config, world_size: int) -> dict[str, Any]:
 
 
 def movable_signature(cfg: Config, world_size: int) -> dict[str, Any]:
-    """The signature a checkpoint must match to resume here: all of it, less MOVABLE in the global order."""
-    current = signature(cfg, world_size)
+    """The signature a checkpoint must match to resume here: all of it, less MOVABLE in the global order;
+    data.order always (a reader-order signature lacks it: SAVED_DEFAULTS), so neither order's checkpoint
+    resumes silently in the other."""
+    current = signature(cfg, world_size) | {"data.order": cfg.data.order}
     if cfg.data.order == "global":
         current = {k: v for k, v in current.items() if k not in MOVABLE}
     return current
@@ -188,8 +190,13 @@ def moved_position(meta: dict[str, Any], rank: int, world_size: int) -> dict[str
     return {"batches": batches.pop(), "skipped": skipped}
 
 
+# Signature keys a checkpoint may lack, with the value that absence stands for.
+SAVED_DEFAULTS = {"data.order": "reader"}
+
+
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Refuse a checkpoint made for another model or run shape, listing every difference."""
+    saved = SAVED_DEFAULTS | saved
     diffs = [
         f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in current.items() if saved.get(k) != v
     ]

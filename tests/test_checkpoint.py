@@ -92,3 +92,18 @@ def test_keep_best_needs_a_validation_split():
     with pytest.raises(ConfigError, match=r"checkpoint.keep_best: needs data.val"):
         load_config(TINY, ["checkpoint.keep_best=true"])
     assert load_config(TINY, ["checkpoint.keep_best=true", "data.val=v.index.json"]).checkpoint.keep_best
+
+
+def test_a_checkpoint_resumes_only_in_its_own_data_order(tmp_path):
+    """A global-order checkpoint under data.order=reader and a reader-order one (its signature has no
+    data.order) under data.order=global are refused; each resumes in its own order."""
+    reader, ordered = load_config(TINY), load_config(TINY, ["data.order=global"])
+    saved = {"global": checkpoint.signature(ordered, 1), "reader": checkpoint.signature(reader, 1)}
+    assert "data.order" not in saved["reader"]  # as older and reader-order checkpoints were saved
+    for now, cfg in (("reader", reader), ("global", ordered)):
+        checkpoint.check_compatible(
+            saved[now], checkpoint.movable_signature(cfg, 2 if now == "global" else 1), tmp_path
+        )
+        other = saved["global" if now == "reader" else "reader"]
+        with pytest.raises(ValueError, match=r"data.order: checkpoint '\w+' vs now '" + now):
+            checkpoint.check_compatible(other, checkpoint.movable_signature(cfg, 1), tmp_path)
