@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import submitit
+from submitit.core.utils import UncompletedJobError
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from mtdist import failures
@@ -125,6 +126,8 @@ class TrainJob(Checkpointable):
             # preemption) restarts every task.
             log.warning("%s; exiting for requeue", err)
             sys.exit(REQUEUE_EXIT_CODE)
+        except UncompletedJobError:
+            raise  # submitit's own end ("timed-out too many times"): not a failure to restart from
         except Exception:
             if not self.recover():
                 raise  # submitit records the error: the job is over
@@ -141,7 +144,9 @@ class TrainJob(Checkpointable):
             log.error("job %s failed: %s; %s", job.job_id, decision.cause, decision.action)
         if mine and decision.requeue:
             resume_when_restarted(job.paths.submitted_pickle, self.cfg)
-            subprocess.run(["scontrol", "requeue", str(job.job_id)], check=True, timeout=60)
+            proc = subprocess.run(["scontrol", "requeue", str(job.job_id)], capture_output=True, text=True)
+            if proc.returncode != 0:  # e.g. Slurm is requeueing it already (a preemption): say so, go on
+                log.error("scontrol requeue %s failed: %s", job.job_id, proc.stderr.strip())
         return decision.requeue
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:

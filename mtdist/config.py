@@ -125,10 +125,12 @@ class DistConfig:
     # writes every thread's stack to <run_dir>/hang-rank<r>.txt and exits 124, for the launch layer to
     # requeue (mtdist.watchdog). Long enough for the slowest legitimate gap on GPUs: torch.compile's first
     # step, a large checkpoint on a slow file system. 0 = off.
-    hang_timeout_s: float = 900.0
+    hang_timeout_s: float = 600.0
     # The process group's timeout: a collective (or the start-up rendezvous) waiting this long for a
-    # dead or stuck peer fails with an error naming the step, instead of torch's 30-minute default.
-    collective_timeout_s: float = 600.0
+    # dead or stuck peer fails, instead of torch's 30-minute default. Longer than hang_timeout_s, so the
+    # watchdog speaks first: NCCL's own timeout ends the process from a C++ thread, with no record, no
+    # stacks and no requeue from the submitit job.
+    collective_timeout_s: float = 900.0
 
 
 @dataclass
@@ -390,7 +392,12 @@ def validate(cfg: Config) -> None:
     )
     _check_schedule(cfg)
     _check_cluster(cfg)
-    _check(cfg.dist.collective_timeout_s > 0, "dist.collective_timeout_s: must be > 0")
+    _check(
+        cfg.dist.collective_timeout_s > cfg.dist.hang_timeout_s,
+        f"dist.collective_timeout_s: {cfg.dist.collective_timeout_s:g} must be > dist.hang_timeout_s "
+        f"({cfg.dist.hang_timeout_s:g}): a rank stuck in a collective must meet the watchdog (stacks, "
+        "a failure record, a requeue) before the process group's own timeout ends it without them",
+    )
     _check_batch_per_gpu(cfg)
     _check(
         cfg.model.sync_bn or not cfg.model.sync_bn_group_size,

@@ -93,13 +93,18 @@ def export_env(env: DistEnv) -> DistEnv:
     return DistEnv(env.rank, env.world_size, env.local_rank, env.master_addr, port)
 
 
-def init_process_group(env: DistEnv, backend: str = "auto", timeout_s: float = 600.0) -> torch.device:
+def init_process_group(env: DistEnv, backend: str = "auto", timeout_s: float = 900.0) -> torch.device:
     """nccl on CUDA, gloo on CPU; returns this rank's device."""
     device = pick_device(env)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        # 2 = CleanUpOnly: a failed or timed-out NCCL collective aborts the communicators and raises in
+        # Python, where mtdist records the failure for the restart decision (mtdist.failures); torch's
+        # default (3) ends the process from its watchdog thread, leaving no record. A value you set wins.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     if not torch_dist.is_initialized():
         env = export_env(env)
         torch_dist.init_process_group(

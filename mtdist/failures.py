@@ -194,7 +194,8 @@ def settle(
     try:
         fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        return Decision(**json.loads(_read_when_written(claim))), False
+        text = _read_when_written(claim)
+        return (Decision(**json.loads(text)), False) if text else (decision, False)
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(asdict(decision)))
     with (Path(run_dir) / "failures.jsonl").open("a") as f:

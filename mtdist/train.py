@@ -496,6 +496,7 @@ def main(cfg: Config, on_hang: Callable[[Watchdog], None] | None = None) -> dict
         if run.state.step not in _saved_steps(run):
             save_checkpoint(run)
         results = final_results(run)
+        watchdog.stop()  # done: closing W&B may take its time
         run.metrics.close()
     except Preempted:
         raise

@@ -14,7 +14,6 @@ cannot be asked to unwind.
 from __future__ import annotations
 
 import faulthandler
-import logging
 import os
 import sys
 import threading
@@ -23,10 +22,10 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 HANG_EXIT_CODE = 124  # as timeout(1): "ran out of time"; slurm/train.sbatch and launch.job requeue on it
+BACKSTOP_S = 60  # how long the watchdog itself may take to write the stacks and record the hang
 
 
 class Watchdog:
@@ -84,25 +83,30 @@ class Watchdog:
                 return
 
     def _fire(self, idle_s: float) -> None:
-        header = (
-            f"mtdist watchdog: rank {self.rank} made no progress for {idle_s:.0f} s "
-            f"(dist.hang_timeout_s={self.timeout_s:g}) at step {self.step}, in {self.what}; "
-            f"every thread's stack follows, then exit {HANG_EXIT_CODE}\n"
-        )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with self.stack_file.open("w") as f:
-            f.write(header)
-            f.flush()
-            faulthandler.dump_traceback(f, all_threads=True)
-        sys.stderr.write(header)
-        sys.stderr.flush()
-        faulthandler.dump_traceback(sys.stderr, all_threads=True)
-        log.error(
-            "rank %d hung at step %d, in %s; stacks: %s", self.rank, self.step, self.what, self.stack_file
-        )
+        # If anything below blocks too (a file system that stopped answering, a lock the stuck thread
+        # holds), faulthandler's own C thread dumps the stacks to stderr once more and exits (status 1).
+        faulthandler.dump_traceback_later(BACKSTOP_S, exit=True)
         try:
+            header = (
+                f"mtdist watchdog: rank {self.rank} made no progress for {idle_s:.0f} s "
+                f"(dist.hang_timeout_s={self.timeout_s:g}) at step {self.step}, in {self.what}; "
+                f"every thread's stack follows, then exit {HANG_EXIT_CODE}\n"
+            )
+            sys.stderr.write(header)  # the log first: the run folder may be what hangs
+            sys.stderr.flush()
+            faulthandler.dump_traceback(sys.stderr, all_threads=True)
+            self._write_stack_file(header)
             if self.on_hang is not None:
                 self.on_hang(self)
         finally:
-            logging.shutdown()
             os._exit(HANG_EXIT_CODE)
+
+    def _write_stack_file(self, header: str) -> None:
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with self.stack_file.open("w") as f:
+                f.write(header)
+                f.flush()
+                faulthandler.dump_traceback(f, all_threads=True)
+        except OSError as err:
+            sys.stderr.write(f"mtdist watchdog: could not write {self.stack_file}: {err}\n")

@@ -171,3 +171,12 @@ def test_a_non_finite_loss_exits_65_and_mtdist_recover_refuses_a_restart(mnist_s
     assert said.returncode == 1, said.stderr
     assert said.stdout.startswith("mtdist: run failed: rank 0 (fatal at step ")
     assert "not requeued: a restart would fail the same way" in said.stdout
+
+
+def test_the_watchdog_must_speak_before_the_process_groups_timeout():
+    from mtdist.config import load_config
+
+    message = r"dist.collective_timeout_s: 600 must be > dist.hang_timeout_s \(900\)"
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, ["dist.hang_timeout_s=900", "dist.collective_timeout_s=600"])
+    assert load_config(TINY, ["dist.hang_timeout_s=0"]).dist.collective_timeout_s == 900  # watchdog off

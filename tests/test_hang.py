@@ -7,15 +7,21 @@ of hanging.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from multiprocessing import forkserver
 from pathlib import Path
 
 import pytest
 from conftest import ROOT, TINY, shard_overrides
 
+from mtdist import data as mtdata
 from mtdist.dist import free_port
 from mtdist.failures import TEST_FAULT_ENV, read_records
 from mtdist.logger import read_metrics
@@ -117,3 +123,22 @@ def test_a_stale_extension_build_lock_does_not_stop_the_next_start(mnist_shards,
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert json.loads((run_dir / "final.json").read_text())["step"] == 2
     assert lock.is_file()  # left alone: not ours to remove, and no longer in anyone's way
+
+
+def test_stop_signals_to_the_fork_server_leave_the_loader_workers_running(mnist_shards):
+    """Slurm signals every process of a task: the fork server must survive SIGUSR1/SIGUSR2/SIGTERM, or the
+    persistent workers it forked exit with it and the next batches fail before the signal's checkpoint."""
+    labeled, unlabeled = (mtdata.resolve_shards(mnist_shards[k]) for k in ("labeled", "unlabeled"))
+    batches = mtdata.build_train_loader(
+        labeled, unlabeled, labeled_per_gpu=4, unlabeled_per_gpu=4, rank=0, world_size=1, seed=0,
+        transform=mtdata.DigitsAugment(0, 0.0, mean=0.0, std=1.0), channels=1, num_workers=2,
+    )  # fmt: skip
+    with contextlib.closing(batches):
+        next(batches)
+        server = forkserver._forkserver._forkserver_pid
+        assert server is not None
+        for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+            os.kill(server, sig)
+        time.sleep(1.0)
+        os.kill(server, 0)  # still alive (ProcessLookupError otherwise)
+        assert len(list(itertools.islice(batches, 60))) == 60  # far past the workers' prefetch

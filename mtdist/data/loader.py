@@ -38,9 +38,9 @@ log = logging.getLogger(__name__)
 # (seen in 5 of 21 runs with frequent evaluations). A fork server is a fresh process (fork + exec) with
 # one thread that only forks workers, so every worker starts clean. Preloading the data package there
 # makes a worker cost a fork of a process that has torch imported, not a new interpreter (see
-# benchmarks/RESULTS.md for the start-up cost).
+# benchmarks/RESULTS.md for the start-up cost); fork_server makes the server ignore stop signals.
 WORKER_START_METHOD = "forkserver"
-WORKER_PRELOAD = ["mtdist.data"]
+WORKER_PRELOAD = ["mtdist.data.fork_server", "mtdist.data"]
 
 
 def worker_context() -> multiprocessing.context.BaseContext:
