@@ -36,6 +36,7 @@ from mtdist.models.io import (
     to_torchvision_names,
     uses_torchvision_names,
 )
+from mtdist.plan import batch_scaling, global_batches
 
 SUFFIXES = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}
 # ZeRO 0-2 (all mtdist supports) keep the whole module in this file
@@ -217,6 +218,13 @@ def export_info(
             "checkpoint": str(folder.resolve()),
             "step": meta["train_state"]["step"],
             "rank": rank,
-            "ema_decay": cfg.mean_teacher.ema_decay if which == "teacher" else None,
+            "ema_decay": run_ema_decay(cfg, meta) if which == "teacher" else None,
         },
     }
+
+
+def run_ema_decay(cfg: Config, meta: dict) -> float:
+    """The teacher's decay the run trained with: mean_teacher.ema_decay scaled to its global batch
+    (plan.batch_scaling), not the configured one."""
+    batch, _ = global_batches(cfg, checkpoint.saved_world_size(meta, 1))
+    return batch_scaling(cfg, batch).ema_decay

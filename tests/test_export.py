@@ -146,3 +146,24 @@ def test_exported_teacher_and_student_score_as_mtdist_eval(trained, mnist_shards
     }
     assert "rank 0's" in info["bn_statistics"] and info["dtype"] == "float32"
     assert info["input"]["mean"] == [mtdata.transforms.DIGITS_MEAN]
+
+
+def test_export_info_states_the_runs_scaled_ema_decay(tmp_path):
+    """At 4 x data.reference_batch_size with power scaling the teacher trained with decay ** 4, as the
+    plan's batch scaling gives it (and data.batch_size_per_gpu: the saved world size sets the batch)."""
+    from mtdist.config import load_config
+    from mtdist.export import export_info
+    from mtdist.plan import batch_scaling
+
+    over = ["data.reference_batch_size=4", "mean_teacher.ema_decay_scaling=power"]
+    for extra, world in (([], 1), (["data.batch_size_per_gpu=8"], 2)):
+        cfg = load_config(TINY, over + extra)
+        meta = {
+            "train_state": {"step": 3},
+            "signature": {"world_size": world},
+            "allocation": {"world_size": world},
+        }
+        source = export_info(cfg, tmp_path, meta, "teacher", True, 0)["source"]
+        assert source["ema_decay"] == pytest.approx(0.99 ** (16 / 4)) == batch_scaling(cfg, 16).ema_decay
+        assert source["ema_decay"] != cfg.mean_teacher.ema_decay
+        assert export_info(cfg, tmp_path, meta, "student", True, 0)["source"]["ema_decay"] is None
