@@ -3,6 +3,7 @@ the checks that name a bad `data.*` key before training starts."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,10 +15,16 @@ from mtdist.plan import Plan
 
 
 def build_train_batches(
-    cfg: Config, env: DistEnv, plan: Plan, start_batch: int = 0, skipped: dict | None = None
+    cfg: Config,
+    env: DistEnv,
+    plan: Plan,
+    start_batch: int = 0,
+    skipped: dict | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> mtdata.TrainBatches:
     """The train batches from `start_batch` on; `skipped`: the corrupt samples dropped before it per
-    stream and reader worker (the checkpoint's data position), so the resumed stream is exact."""
+    stream and reader worker (the checkpoint's data position), so the resumed stream is exact;
+    `progress`: the watchdog's beat while the global order reads shards lacking an offset table."""
     d = cfg.data
     train_tf, _ = make_transforms(cfg, env)
     unlabeled = shard_urls(cfg, "unlabeled") if plan.unlabeled_per_gpu else []
@@ -45,6 +52,7 @@ def build_train_batches(
         num_classes=d.num_classes,
         error_bound=error_bound(cfg),
         order=d.order,
+        progress=progress,
     )
 
 
@@ -66,7 +74,9 @@ def _augment_kwargs(cfg: Config) -> dict[str, Any]:
     return {}
 
 
-def eval_batches(cfg: Config, env: DistEnv, spec: str) -> mtdata.EvalBatches:
+def eval_batches(
+    cfg: Config, env: DistEnv, spec: str, progress: Callable[[str], None] | None = None
+) -> mtdata.EvalBatches:
     d = cfg.data
     _, eval_tf = make_transforms(cfg, env)
     return mtdata.build_eval_loader(
@@ -80,6 +90,7 @@ def eval_batches(cfg: Config, env: DistEnv, spec: str) -> mtdata.EvalBatches:
         num_classes=d.num_classes,
         error_bound=error_bound(cfg),
         order=d.order,
+        progress=progress,
     )
 
 

@@ -64,7 +64,7 @@ class Run:
 
     def eval_batches(self, spec: str) -> EvalBatches:
         if spec not in self.eval_loaders:
-            self.eval_loaders[spec] = eval_batches(self.cfg, self.env, spec)
+            self.eval_loaders[spec] = eval_batches(self.cfg, self.env, spec, self.watchdog.beat)
         return self.eval_loaders[spec]
 
     @property
@@ -191,9 +191,8 @@ def build_run(cfg: Config, exact_resume: bool = True, watchdog: Watchdog | None 
     )
     torch_dist.barrier()
     check_eval_shards(cfg, env)
-    batches = build_train_batches(
-        cfg, env, plan, state.step * cfg.deepspeed.grad_accum_steps, data_position.get("skipped")
-    )
+    start, skipped = state.step * cfg.deepspeed.grad_accum_steps, data_position.get("skipped")
+    batches = build_train_batches(cfg, env, plan, start, skipped, watchdog.beat)
     return Run(cfg, env, device, plan, engine, teacher, batches, run_dir, metrics, state, watchdog)
 
 

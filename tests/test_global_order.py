@@ -90,6 +90,27 @@ def test_an_older_shard_gets_its_table_on_first_use_or_by_command(sets: dict[str
     assert np.array_equal(np.load(offsets_path(url)), table) and index_shards(_urls(sets["labeled"])) == []
 
 
+def test_shards_without_tables_are_logged_and_read_with_a_beat_each(sets: dict[str, str], caplog) -> None:
+    """Start-up on shards lacking `.idx.npy`: one warning naming `mtdist index-shards`, and the watchdog's
+    beat (`progress`) before each shard's read, through the eval loader too; none once they have tables."""
+    from mtdist.data import build_eval_loader
+
+    urls, beats = _urls(sets["val"]), []
+    for url in urls:
+        offsets_path(url).unlink()
+    with caplog.at_level("WARNING", logger="mtdist.data.ordered"):
+        build_eval_loader(
+            urls, batch_size=7, rank=0, world_size=1, transform=EVAL, channels=1, num_workers=0,
+            order="global", progress=beats.append,
+        )  # fmt: skip
+    assert len(beats) == len(urls) and all(url in beat for url, beat in zip(urls, beats, strict=True))
+    assert f"{len(urls)} of {len(urls)} shards" in caplog.text and "mtdist index-shards SPEC" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mtdist.data.ordered"):
+        _stream(sets["val"], 0, 1, batch_size=1, progress=beats.append)  # the tables were written
+    assert not caplog.text and len(beats) == 2 * len(urls)
+
+
 def test_a_reader_starts_inside_a_shard_with_one_read(sets: dict[str, str], monkeypatch) -> None:
     stream = _stream(sets["unlabeled"], 3, 8, batch_size=8, start_batch=37)
     reads = []

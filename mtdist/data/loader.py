@@ -15,7 +15,7 @@ import multiprocessing.context
 import multiprocessing.util  # its exit hook must be registered before ours (atexit runs last-in first)
 import random
 import signal
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,6 +84,7 @@ def build_train_loader(
     num_classes: int | None = None,
     error_bound: ErrorBound | None = None,
     order: str = "reader",
+    progress: Callable[[str], None] | None = None,
 ) -> TrainBatches:
     """Endless `(view1 [B, C, H, W], view2, labels [B])` with B = labeled_per_gpu + unlabeled_per_gpu.
 
@@ -102,7 +103,7 @@ def build_train_loader(
     Labels outside [0, num_classes) are corrupt samples; `error_bound` stops a reader that drops too many.
     `order="global"`: the global order (GlobalStream): batch k holds the same samples whatever the
     world size and workers, so a position resumes on another allocation too (`skipped` then keeps
-    only its total if the worker count changed).
+    only its total if the worker count changed); `progress`: GlobalStream's, beaten per shard table.
     """
     if labeled_per_gpu < 1 or unlabeled_per_gpu < 0 or start_batch < 0:
         raise ValueError(
@@ -122,6 +123,8 @@ def build_train_loader(
         parts.append((unlabeled_urls, unlabeled_per_gpu, False, UNLABELED_STREAM))
     loaders = []
     stream_class = _stream_class(order)
+    if stream_class is GlobalStream:
+        common["progress"] = progress
     for urls, batch_size, labeled, stream in parts:
         stream_skipped = skipped.get(STREAM_NAMES[stream], ())
         if stream_class is ShardStream:
@@ -270,6 +273,7 @@ def build_eval_loader(
     num_classes: int | None = None,
     error_bound: ErrorBound | None = None,
     order: str = "reader",
+    progress: Callable[[str], None] | None = None,
 ) -> EvalBatches:
     """One pass over `urls`: each usable sample exactly once over all ranks and workers; yields (x, labels,
     keys), and counts the corrupt samples dropped (`errors`). `order="global"` needs no shard per reader."""
@@ -277,11 +281,12 @@ def build_eval_loader(
     if stream_class is ShardStream:
         check_readers(len(urls), world_size, num_workers)
     batched = getattr(transform, "batched", False)  # as in build_train_loader: prepare per sample
+    extra = {"progress": progress} if stream_class is GlobalStream else {}
     dataset = stream_class(
         urls, rank=rank, world_size=world_size, seed=0, channels=channels, batch_size=batch_size,
         transform=transform.prepare if batched else transform,
         views=1, labeled=True, infinite=False, num_classes=num_classes,
-        error_bound=error_bound or ErrorBound(), report_skipped=True,
+        error_bound=error_bound or ErrorBound(), report_skipped=True, **extra,
     )  # fmt: skip
     # Pinned on CUDA, so the finishing transform's copy to the device is asynchronous, as in training.
     pin = torch.cuda.is_available()

@@ -21,15 +21,18 @@ workers whatever the number of shards; corrupt ones are dropped and counted.
 from __future__ import annotations
 
 import itertools
+import logging
 import tarfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from .order import GlobalOrder, eval_positions, step_positions
-from .seek import TarReader, load_offsets
+from .seek import TarReader, has_offsets, load_offsets
 from .shards import _is_remote
 from .stream import DataError, ShardStream, _Tally, _with_skipped, _worker
+
+log = logging.getLogger(__name__)
 
 # A place whose sample and this many substitutes are all corrupt: the data is mostly corrupt, stop.
 _MAX_SUBSTITUTES = 64
@@ -44,10 +47,18 @@ class GlobalStream(ShardStream):
     Takes ShardStream's arguments; `shuffle_buffer` is the global order's block (samples permuted
     together, ids only). `batch_size` is the rank's batch (training) or the eval batch. Builds each
     shard's byte-offset table at construction (one read of a shard lacking it, see seek.py), in the
-    main process, so loader workers only seek.
+    main process, so loader workers only seek; `progress(what)` is called before each shard's table (the
+    watchdog's beat: reading a large set's tars can take longer than its hang timeout).
     """
 
-    def __init__(self, urls: list[str], *, sample_counts: Mapping[str, int] | None = None, **kw) -> None:
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        sample_counts: Mapping[str, int] | None = None,
+        progress: Callable[[str], None] | None = None,
+        **kw,
+    ) -> None:
         super().__init__(urls, sample_counts=sample_counts, **kw)
         remote = [url for url in self.urls if _is_remote(url)]
         if remote:
@@ -55,7 +66,7 @@ class GlobalStream(ShardStream):
                 f"shard {remote[0]} is a pipe: or url: the global order reads samples by byte offset from "
                 f"local (or mounted) tar files; copy the shards, or use data.order=reader"
             )
-        self.tables = [load_offsets(url) for url in self.urls]
+        self.tables = self._tables(progress or (lambda what: None))
         counts = [self._raw_count(url, table) for url, table in zip(self.urls, self.tables, strict=True)]
         self.order = GlobalOrder(tuple(counts), self.seed, self.shuffle_buffer, shuffle=self.infinite)
         self.cache: dict[int, dict] | None = {} if self.cache is not None else None
@@ -126,6 +137,21 @@ class GlobalStream(ShardStream):
         if self.cache is not None:
             self.cache[sample_id] = sample
         return sample
+
+    def _tables(self, progress: Callable[[str], None]) -> list:
+        missing = [url for url in self.urls if not has_offsets(url)]
+        if missing and self.rank == 0:
+            log.warning(
+                "%d of %d shards (%s, ...) have no current byte-offset table (.idx.npy): each is read once "
+                "now, which for a large set takes a while; write them beforehand with `mtdist index-shards "
+                "SPEC`",
+                len(missing), len(self.urls), missing[0],
+            )  # fmt: skip
+        tables = []
+        for i, url in enumerate(self.urls):
+            progress(f"global order: byte-offset table of shard {i + 1} of {len(self.urls)} ({url})")
+            tables.append(load_offsets(url))
+        return tables
 
     def _raw_count(self, url: str, table) -> int:
         """Raw samples of a shard: the index count (a broken tar's lost ones included), else those in its

@@ -70,6 +70,12 @@ def write_offsets(url: str, table: np.ndarray | None = None) -> np.ndarray:
     return table
 
 
+def has_offsets(url: str) -> bool:
+    """Whether the shard has a current offset table beside it (one of the tar's size)."""
+    path = offsets_path(url)
+    return path.is_file() and len(t := np.load(path, mmap_mode="r")) > 0 and t[0, 0] == os.path.getsize(url)
+
+
 def load_offsets(url: str, write: bool = True) -> np.ndarray:
     """The shard's offset table: read from beside it when it matches the tar's size, else made by one read
     of the tar (and written beside it with `write`, where the folder allows)."""
@@ -161,10 +167,9 @@ def index_shards(urls: list[str]) -> list[str]:
     one line per shard indexed."""
     lines = []
     for url in urls:
-        path = offsets_path(url)
-        if path.is_file() and len(t := np.load(path)) and t[0, 0] == os.path.getsize(url):
+        if has_offsets(url):
             continue
-        table = write_offsets(url)
+        path, table = offsets_path(url), write_offsets(url)
         broken = ", broke off (its last sample is lost)" if table[0, 1] else ""
         lines.append(f"{path}: {len(table) - 1} samples{broken}")
     return lines
