@@ -144,7 +144,11 @@ def load_checkpoint(engine: Any, root: str, tag: str, saved_world_size: int, opt
         return
     engine.load_checkpoint(root, tag=tag, load_optimizer_states=False)
     saved = engine._get_all_zero_checkpoints(root, tag)  # every saved rank's partition, in rank order
-    if saved is None or isinstance(saved[0]["base_optimizer_state"], dict):
+    rigid = saved is not None and isinstance(saved[0]["base_optimizer_state"], dict)
+    if rigid and saved_world_size == engine.dp_world_size:
+        engine.load_checkpoint(root, tag=tag)  # the same partitions: DeepSpeed loads a rigid save itself
+        return
+    if saved is None or rigid:
         raise ValueError(
             f"checkpoint {root}/{tag} holds ZeRO optimizer state in the rigid layout of its "
             f"{saved_world_size} ranks: resume it on {saved_world_size} ranks (only checkpoints of "

@@ -107,3 +107,37 @@ def test_a_checkpoint_resumes_only_in_its_own_data_order(tmp_path):
         other = saved["global" if now == "reader" else "reader"]
         with pytest.raises(ValueError, match=r"data.order: checkpoint '\w+' vs now '" + now):
             checkpoint.check_compatible(other, checkpoint.movable_signature(cfg, 1), tmp_path)
+
+
+class StandInZeroEngine:
+    """What engine.load_checkpoint asks of a ZeRO engine that saves in the elastic layout (data.order=global),
+    here holding a checkpoint in the rigid layout of older saves (per-rank base_optimizer_state dicts)."""
+
+    dp_world_size = 2
+
+    def __init__(self) -> None:
+        self.loads: list[bool] = []
+
+    def zero_optimization(self) -> bool:
+        return True
+
+    def zero_elastic_checkpoint(self) -> bool:
+        return True
+
+    def load_checkpoint(self, root: str, tag: str, load_optimizer_states: bool = True) -> None:
+        self.loads.append(load_optimizer_states)
+
+    def _get_all_zero_checkpoints(self, root: str, tag: str) -> list[dict]:
+        return [{"base_optimizer_state": {"state": {}, "param_groups": []}} for _ in range(2)]
+
+
+def test_a_rigid_zero_checkpoint_of_the_global_order_resumes_on_its_own_world_size():
+    """DeepSpeed loads a rigid save into an elastic engine with the same partitions; only another world
+    size needs the elastic layout, and is refused."""
+    from mtdist.engine import load_checkpoint
+
+    engine = StandInZeroEngine()
+    load_checkpoint(engine, "ckpts", "step_4", saved_world_size=2)
+    assert engine.loads[-1] is True  # the optimizer state too, by DeepSpeed's own load
+    with pytest.raises(ValueError, match="rigid layout of its 4 ranks: resume it on 4 ranks"):
+        load_checkpoint(StandInZeroEngine(), "ckpts", "step_4", saved_world_size=4)
