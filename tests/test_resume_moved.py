@@ -32,6 +32,7 @@ from mtdist.dist import free_port
 pytestmark = pytest.mark.slow
 STEPS, MOVE_AT = 30, 10  # 240 unlabeled images / 8 per step: one epoch
 KEYS_WORKER = ROOT / "tests" / "keys_worker.py"
+RIGID_WORKER = ROOT / "tests" / "rigid_worker.py"  # saves ZeRO state in the older, rigid layout
 
 
 def _overrides(shards: dict[str, str], run_dir: Path, workers: int) -> list[str]:
@@ -49,9 +50,16 @@ def _overrides(shards: dict[str, str], run_dir: Path, workers: int) -> list[str]
     ]
 
 
-def _train(shards: dict[str, str], run_dir: Path, ranks: int, workers: int, extra: tuple = ()) -> list[dict]:
+def _train(
+    shards: dict[str, str],
+    run_dir: Path,
+    ranks: int,
+    workers: int,
+    extra: tuple = (),
+    worker: Path = KEYS_WORKER,
+) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}"]
-    cmd += [f"--master_port={free_port()}", str(KEYS_WORKER), str(TINY), str(run_dir)]
+    cmd += [f"--master_port={free_port()}", str(worker), str(TINY), str(run_dir)]
     cmd += [*_overrides(shards, run_dir, workers), *extra]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -131,3 +139,17 @@ def test_zero_optimizer_state_is_re_split_on_another_number_of_ranks(mnist_shard
     )
     bound = 1e-4 * _distance(a, start) if ranks != 2 else 0.0
     assert _distance(a, b) <= bound, (_distance(a, b), _distance(a, start))
+
+
+def test_a_rigid_zero_checkpoint_resumes_on_its_own_world_size(mnist_shards, tmp_path):
+    """A data.order=global ZeRO checkpoint in the rigid layout of older saves resumes on its own number of
+    ranks (DeepSpeed loads it into the elastic engine), bitwise as the uninterrupted run."""
+    zero = ["deepspeed.zero_stage=1", f"schedule.max_steps={MOVE_AT + 2}"]
+    source = tmp_path / "source"
+    _train(mnist_shards, source, 2, 2, zero, worker=RIGID_WORKER)
+    run_dir = _moved_from(source, tmp_path / "resumed")
+    [optim] = (run_dir / "checkpoints" / checkpoint.tag_for(MOVE_AT)).glob("zero_pp_rank_0_*optim_states.pt")
+    state = torch.load(optim, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    assert isinstance(state["base_optimizer_state"], dict)  # the rigid layout
+    _train(mnist_shards, run_dir, 2, 2, zero)
+    assert _distance(_student(source, MOVE_AT + 2), _student(run_dir, MOVE_AT + 2)) == 0.0
