@@ -175,7 +175,8 @@ def source_rank(rank: int, saved_world: int) -> int:
 def moved_position(meta: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
     """A rank's data position on another allocation (global order): the saved step, and per stream the
     corrupt samples dropped by the saved ranks it inherits (saved rank o goes to rank o mod world_size),
-    so the run's total stays exact; the loader puts a total on worker 0 (GlobalStream.take_skipped)."""
+    so the run's total stays exact; the loader's record puts a total on worker 0 (ordered.take_skipped)
+    and, `moved`, restarts each reader's error bound."""
     positions = meta.get("data_positions") or []
     if not positions:
         return {}
@@ -187,7 +188,7 @@ def moved_position(meta: dict[str, Any], rank: int, world_size: int) -> dict[str
         name: [sum(sum(p["skipped"][name]) for o, p in enumerate(positions) if o % world_size == rank)]
         for name in streams
     }
-    return {"batches": batches.pop(), "skipped": skipped}
+    return {"batches": batches.pop(), "skipped": skipped, "moved": True}
 
 
 # Signature keys a checkpoint may lack, with the value that absence stands for.

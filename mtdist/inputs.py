@@ -21,10 +21,12 @@ def build_train_batches(
     start_batch: int = 0,
     skipped: dict | None = None,
     progress: Callable[[str], None] | None = None,
+    moved: bool = False,
 ) -> mtdata.TrainBatches:
     """The train batches from `start_batch` on; `skipped`: the corrupt samples dropped before it per
-    stream and reader worker (the checkpoint's data position), so the resumed stream is exact;
-    `progress`: the watchdog's beat while the global order reads shards lacking an offset table."""
+    stream and reader worker (the checkpoint's data position), so the resumed stream is exact (`moved`:
+    inherited totals on another allocation, checkpoint.moved_position); `progress`: the watchdog's beat
+    while the global order reads shards lacking an offset table."""
     d = cfg.data
     train_tf, _ = make_transforms(cfg, env)
     unlabeled = shard_urls(cfg, "unlabeled") if plan.unlabeled_per_gpu else []
@@ -53,6 +55,7 @@ def build_train_batches(
         error_bound=error_bound(cfg),
         order=d.order,
         progress=progress,
+        moved=moved,
     )
 
 

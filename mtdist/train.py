@@ -192,7 +192,8 @@ def build_run(cfg: Config, exact_resume: bool = True, watchdog: Watchdog | None 
     torch_dist.barrier()
     check_eval_shards(cfg, env)
     start, skipped = state.step * cfg.deepspeed.grad_accum_steps, data_position.get("skipped")
-    batches = build_train_batches(cfg, env, plan, start, skipped, watchdog.beat)
+    moved = bool(data_position.get("moved"))  # inherited corrupt-sample totals: each reader's bound restarts
+    batches = build_train_batches(cfg, env, plan, start, skipped, watchdog.beat, moved)
     return Run(cfg, env, device, plan, engine, teacher, batches, run_dir, metrics, state, watchdog)
 
 

@@ -280,8 +280,9 @@ def test_the_order_benchmark_runs_small() -> None:
 
 def test_a_moved_resume_near_the_error_bound_restarts_each_readers_bound(tmp_path: Path) -> None:
     """Inherited dropped samples (checkpoint.moved_position: one total) near the bound, resumed with 2
-    workers: the record keeps the exact total, but no worker is judged by the rank's total against its
-    own share of the raw samples (that would trip the bound at once: DataError stops the run)."""
+    workers, or on 2 ranks with 1 worker: the record keeps the exact total, but no reader is judged by
+    the inherited total against its own, smaller share of the raw samples (that would trip the bound
+    at once: DataError stops the run)."""
     from mtdist.data import ErrorBound, build_train_loader, write_shards
     from mtdist.data.shards import encode_png
 
@@ -293,24 +294,27 @@ def test_a_moved_resume_near_the_error_bound_restarts_each_readers_bound(tmp_pat
     write_shards(samples, tmp_path, "bad", samples_per_shard=25)
     spec = str(tmp_path / "bad.index.json")
 
-    def loader(start: int, skipped: dict | None, bound: ErrorBound):
-        return build_train_loader(
-            _urls(spec), [], labeled_per_gpu=8, unlabeled_per_gpu=0, rank=0, world_size=1, seed=3,
-            transform=EVAL, channels=1, num_workers=2, shuffle_buffer=30, start_batch=start, order="global",
-            sample_counts=shard_sample_counts(spec), skipped=skipped, error_bound=bound,
+    def run(start: int, steps: int, skipped: dict | None, bound: ErrorBound, world: int, workers: int) -> int:
+        batches = build_train_loader(
+            _urls(spec), [], labeled_per_gpu=8 // world, unlabeled_per_gpu=0, rank=0, world_size=world,
+            seed=3, transform=EVAL, channels=1, num_workers=workers, shuffle_buffer=30, start_batch=start,
+            order="global", sample_counts=shard_sample_counts(spec), skipped=skipped, error_bound=bound,
+            moved=skipped is not None,
         )  # fmt: skip
+        for _ in range(steps):
+            next(batches)
+        total = batches.report(start + steps).errors_total
+        batches.close()
+        return total
 
-    start, steps = 10, 4
-    whole = loader(0, None, ErrorBound(1.0, 0))
-    for _ in range(start + steps):
-        next(whole)
-    inherited, final = whole.report(start).errors_total, whole.report(start + steps).errors_total
-    whole.close()
-    bound = ErrorBound(0.15, 0)
+    start, steps, loose, bound = 10, 4, ErrorBound(1.0, 0), ErrorBound(0.15, 0)
+    inherited = run(0, start, None, loose, 1, 1)  # saved on 1 rank
     assert inherited / (start * 8 + inherited) < bound.max_fraction  # the run as a whole is within it
-    assert inherited / (start // 2 * 8 + inherited) > bound.max_fraction  # worker 0's share alone is not
-    resumed = loader(start, {"labeled": [inherited]}, bound)
-    for _ in range(steps):
-        next(resumed)
-    assert resumed.report(start + steps).errors_total == final
-    resumed.close()
+    assert inherited / (start * 4 + inherited) > bound.max_fraction  # half the raw samples are not
+    for world, workers in ((1, 2), (2, 1)):  # a worker's or a rank's half of the steps
+        new = run(start, steps, {}, loose, world, workers) if world > 1 else None
+        total = run(start, steps, {"labeled": [inherited]}, bound, world, workers)
+        if new is None:  # one rank: the uninterrupted run's total
+            assert total == run(0, start + steps, None, loose, 1, workers)
+        else:
+            assert total == inherited + new

@@ -85,6 +85,7 @@ def build_train_loader(
     error_bound: ErrorBound | None = None,
     order: str = "reader",
     progress: Callable[[str], None] | None = None,
+    moved: bool = False,
 ) -> TrainBatches:
     """Endless `(view1 [B, C, H, W], view2, labels [B])` with B = labeled_per_gpu + unlabeled_per_gpu.
 
@@ -103,7 +104,9 @@ def build_train_loader(
     Labels outside [0, num_classes) are corrupt samples; `error_bound` stops a reader that drops too many.
     `order="global"`: the global order (GlobalStream): batch k holds the same samples whatever the
     world size and workers, so a position resumes on another allocation too (`skipped` then keeps
-    only its total if the worker count changed); `progress`: GlobalStream's, beaten per shard table.
+    only its total if the worker count changed; `moved`: it holds the totals of the saved ranks this
+    rank inherits on another allocation, checkpoint.moved_position); either way they count in the
+    totals and each reader's error bound restarts. `progress`: GlobalStream's, beaten per shard table.
     """
     if labeled_per_gpu < 1 or unlabeled_per_gpu < 0 or start_batch < 0:
         raise ValueError(
@@ -132,6 +135,7 @@ def build_train_loader(
             check_skipped(stream_skipped, num_workers)
         else:  # the record keeps the (inherited) totals; a reader's bound restarts on another layout
             skipped[STREAM_NAMES[stream]] = take_skipped(stream_skipped, num_workers)
+            stream_skipped = () if moved else stream_skipped
         dataset = stream_class(
             urls, seed=stream_seed(seed, stream), labeled=labeled, batch_size=batch_size,
             skipped=stream_skipped, **common,

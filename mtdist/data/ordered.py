@@ -79,7 +79,8 @@ class GlobalStream(ShardStream):
         """The samples of loader worker `worker` of `num_workers` (what __iter__ gives in that worker)."""
         workers = max(num_workers, 1)
         self.reader = TarReader()
-        # Per-worker dropped counts follow a worker only while the worker count is unchanged; else the
+        # Per-worker dropped counts follow a worker only on the same allocation (the loader passes none on
+        # another, checkpoint.moved_position) with the same worker count; else the
         # total is kept by the loader's record (take_skipped) and each reader's bound restarts: errors 0
         # against its own raw count, never the rank's inherited total against one worker's share.
         skipped = self.skipped[worker] if len(self.skipped) == workers else 0
