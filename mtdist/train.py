@@ -41,6 +41,7 @@ from mtdist.sync_bn import convert_sync_batchnorm
 from mtdist.watchdog import HANG_EXIT_CODE, Watchdog
 
 log = logging.getLogger("mtdist")
+TEST_KEYS_ENV = "MTDIST_TEST_KEYS_DIR"  # tests only: see record_test_keys
 
 
 @dataclass
@@ -423,6 +424,7 @@ def train_loop(run: Run, stop: StopSignal | None = None) -> None:
         weights = loss_weights(cfg, plan.epoch(step))
         for _ in range(cfg.deepspeed.grad_accum_steps):
             batch = window.next_batch(run.train_batches)
+            record_test_keys(run, step)
             terms, _ = train_step(run.engine, run.teacher, to_device(batch, run), weights, step)
             window.add(terms)
         run.state.step = done = step + 1
@@ -529,6 +531,15 @@ def inject_test_fault(run_dir: Path, rank: int, step: int) -> None:
         raise RuntimeError(f"test fault: rank {rank} raises at step {step}")
     elif fault == "hang":
         _hang_for_the_test()
+
+
+def record_test_keys(run: Run, step: int) -> None:
+    """TEST_KEYS_ENV, for the data-order tests only: each rank appends the keys of every batch it trains
+    on, with the step, to <dir>/keys-rank<r>.jsonl (the order's guarantees, checked through mtdist train)."""
+    folder = os.environ.get(TEST_KEYS_ENV)
+    if folder:
+        with (Path(folder) / f"keys-rank{run.env.rank}.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, "keys": run.train_batches.keys}) + "\n")
 
 
 def _hang_for_the_test() -> None:

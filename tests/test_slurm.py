@@ -29,6 +29,7 @@ from mtdist.checkpoint import tag_for as checkpoint_tag
 from mtdist.failures import TEST_FAULT_ENV, decisions
 from mtdist.launch.job import requeue_signal
 from mtdist.logger import read_metrics
+from mtdist.train import TEST_KEYS_ENV
 
 if TYPE_CHECKING:
     from slurm_fixtures import SlurmCluster
@@ -55,11 +56,22 @@ def cluster_overrides(tasks_per_node: int, **extra: object) -> list[str]:
     return [f"cluster.{k}={v}" for k, v in keys.items()]
 
 
-def launch(args: list[str], cluster: SlurmCluster) -> subprocess.CompletedProcess:
+def launch(
+    args: list[str], cluster: SlurmCluster, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "mtdist", "submit", "--config", str(TINY), *args]
     return subprocess.run(
-        cmd, capture_output=True, text=True, cwd=ROOT, env=cluster.env, timeout=JOB_TIMEOUT_S
+        cmd, capture_output=True, text=True, cwd=ROOT, env=cluster.env | (env or {}), timeout=JOB_TIMEOUT_S
     )
+
+
+def step_keys(folder: Path) -> dict[int, list[str]]:
+    """Every rank's train keys (MTDIST_TEST_KEYS_DIR), merged per step and sorted: the global batch."""
+    steps: dict[int, list[str]] = {}
+    for path in folder.glob("keys-rank*.jsonl"):
+        for row in map(json.loads, path.read_text().splitlines()):
+            steps.setdefault(row["step"], []).extend(row["keys"])
+    return {step: sorted(keys) for step, keys in steps.items()}
 
 
 def check_trained(run_dir: Path, world_size: int, max_steps: int = 4, redone: tuple[int, ...] = ()) -> None:
@@ -462,15 +474,23 @@ def test_a_two_task_per_node_checkpoint_resumes_as_one_task_per_node(slurm_clust
     moved = ["data.order=global", "checkpoint.interval_steps=2", "checkpoint.keep_last=5"]
     source = tmp_path / "source"
     args = [*train_overrides(mnist_shards, source), *moved, *cluster_overrides(2)]
-    check_launched(launch([*args, "--wait"], slurm_cluster), args, source, 2, slurm_cluster)
+    keys_env = {TEST_KEYS_ENV: str(tmp_path / "source-keys")}
+    (tmp_path / "source-keys").mkdir()
+    check_launched(launch([*args, "--wait"], slurm_cluster, keys_env), args, source, 2, slurm_cluster)
     run_dir = tmp_path / "moved"
     (run_dir / "checkpoints").mkdir(parents=True)
     tag = checkpoint_tag(2)
     subprocess.run(["cp", "-r", str(source / "checkpoints" / tag), str(run_dir / "checkpoints")], check=True)
     (run_dir / "checkpoints" / "latest").write_text(tag)
     args = [*train_overrides(mnist_shards, run_dir), *moved, *cluster_overrides(1)]
-    proc = launch([*args, "--wait"], slurm_cluster)
+    (tmp_path / "moved-keys").mkdir()
+    proc = launch([*args, "--wait"], slurm_cluster, {TEST_KEYS_ENV: str(tmp_path / "moved-keys")})
     check_launched(proc, args, run_dir, 1, slurm_cluster)
+    # the same samples in each global step after the move, on half the ranks
+    source_keys, moved_keys = step_keys(tmp_path / "source-keys"), step_keys(tmp_path / "moved-keys")
+    assert sorted(moved_keys) == [2, 3] and sorted(source_keys) == [0, 1, 2, 3]
+    assert all(moved_keys[s] == source_keys[s] for s in (2, 3))
+    assert all(len(source_keys[s]) == 16 for s in source_keys)  # every rank's share: the whole global batch
     rows = [r for r in read_metrics(run_dir) if "train/loss_total" in r]
     assert [r["step"] for r in rows] == [4] and {r["system/world_size"] for r in rows} == {2}
     assert json.loads((run_dir / "final.json").read_text())["val/count"] == 120
