@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mtdist import data as mtdata
+from mtdist.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -41,6 +42,27 @@ def mnist_shards(tmp_path_factory) -> dict[str, str]:
 
 def shard_overrides(shards: dict[str, str]) -> list[str]:
     return [f"data.{k}={v}" for k, v in shards.items()]
+
+
+def torchrun_command(nproc: int = 2) -> list[str]:
+    """`python -m torch.distributed.run` for `nproc` local ranks on a free port; the script follows."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+    ]
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    """torchrun_command + `args` from the repo root, one torch thread a rank, tests/ importable; fails the
+    test, showing the output's tail, unless it exits 0."""
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    cmd = [*torchrun_command(nproc), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
 
 
 def run_python(args: list[str], *, threads: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:

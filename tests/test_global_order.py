@@ -250,7 +250,8 @@ def test_eval_loader_with_workers_reads_one_shard_set_exactly_once(sets: dict[st
     assert Counter(keys) == Counter(f"val{i:05d}" for i in range(VAL))
 
 
-def test_a_corrupt_sample_is_replaced_by_its_places_substitute_on_any_allocation(tmp_path: Path) -> None:
+def _corrupt_every_tenth(folder: Path) -> str:
+    """60 samples in 3 shards, s003, s013, ... undecodable; the index's spec."""
     from mtdist.data import write_shards
     from mtdist.data.shards import encode_png
 
@@ -259,8 +260,12 @@ def test_a_corrupt_sample_is_replaced_by_its_places_substitute_on_any_allocation
         {"__key__": f"s{i:03d}", "png": b"not a png" if i % 10 == 3 else encode_png(good), "cls": 0}
         for i in range(60)
     ]
-    write_shards(samples, tmp_path, "bad", samples_per_shard=25)
-    spec = str(tmp_path / "bad.index.json")
+    write_shards(samples, folder, "bad", samples_per_shard=25)
+    return str(folder / "bad.index.json")
+
+
+def test_a_corrupt_sample_is_replaced_by_its_places_substitute_on_any_allocation(tmp_path: Path) -> None:
+    spec = _corrupt_every_tenth(tmp_path)
     at_1 = _step_keys(spec, 1, 1, 4, report_skipped=False)
     assert _step_keys(spec, 4, 3, 4) == at_1 and all(len(step) == GLOBAL_BATCH for step in at_1)
     assert not {key for step in at_1 for key in step} & {f"s{i:03d}" for i in range(3, 60, 10)}
@@ -283,16 +288,9 @@ def test_a_moved_resume_near_the_error_bound_restarts_each_readers_bound(tmp_pat
     workers, or on 2 ranks with 1 worker: the record keeps the exact total, but no reader is judged by
     the inherited total against its own, smaller share of the raw samples (that would trip the bound
     at once: DataError stops the run)."""
-    from mtdist.data import ErrorBound, build_train_loader, write_shards
-    from mtdist.data.shards import encode_png
+    from mtdist.data import ErrorBound, build_train_loader
 
-    good = np.random.default_rng(0).integers(0, 256, size=(6, 6), dtype=np.uint8)
-    samples = [
-        {"__key__": f"s{i:03d}", "png": b"not a png" if i % 10 == 3 else encode_png(good), "cls": 0}
-        for i in range(60)
-    ]
-    write_shards(samples, tmp_path, "bad", samples_per_shard=25)
-    spec = str(tmp_path / "bad.index.json")
+    spec = _corrupt_every_tenth(tmp_path)
 
     def run(start: int, steps: int, skipped: dict | None, bound: ErrorBound, world: int, workers: int) -> int:
         batches = build_train_loader(

@@ -19,10 +19,9 @@ from multiprocessing import forkserver
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, shard_overrides
+from conftest import ROOT, TINY, shard_overrides, torchrun_command
 
 from mtdist import data as mtdata
-from mtdist.dist import free_port
 from mtdist.failures import TEST_FAULT_ENV, read_records
 from mtdist.logger import read_metrics
 from mtdist.watchdog import HANG_EXIT_CODE
@@ -34,9 +33,7 @@ EVALUATIONS = 100
 def torchrun_train(
     overrides: list[str], env: dict[str, str] | None = None, timeout: int = 600
 ) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-    cmd = [*launcher, f"--master_port={free_port()}", "-m", "mtdist", "train", "--config", str(TINY)]
-    cmd += overrides
+    cmd = [*torchrun_command(2), "-m", "mtdist", "train", "--config", str(TINY), *overrides]
     env = os.environ | {"OMP_NUM_THREADS": "1"} | (env or {})
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
 

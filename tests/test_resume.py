@@ -18,12 +18,11 @@ import pytest
 import torch
 from checkpoint_state import assert_bitwise_equal
 from checkpoint_state import final_state as _final_state
-from conftest import ROOT, TINY, shard_overrides
+from conftest import ROOT, TINY, shard_overrides, torchrun_command
 from torch.utils.data import DataLoader, IterableDataset
 
 from mtdist import checkpoint
 from mtdist.data import loader
-from mtdist.dist import free_port
 from mtdist.logger import read_metrics
 from mtdist.preempt import REQUEUE_EXIT_CODE
 
@@ -47,11 +46,7 @@ def overrides(shards: dict[str, str], run_dir: Path) -> list[str]:
 
 def launch(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
+        *torchrun_command(2),
         "-m",
         "mtdist",
         "train",

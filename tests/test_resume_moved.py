@@ -19,15 +19,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, shard_overrides
+from conftest import ROOT, TINY, shard_overrides, torchrun_command
 
 from mtdist import checkpoint
-from mtdist.dist import free_port
 
 pytestmark = pytest.mark.slow
 STEPS, MOVE_AT = 30, 10  # 240 unlabeled images / 8 per step: one epoch
@@ -58,8 +56,7 @@ def _train(
     extra: tuple = (),
     worker: Path = KEYS_WORKER,
 ) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}"]
-    cmd += [f"--master_port={free_port()}", str(worker), str(TINY), str(run_dir)]
+    cmd = [*torchrun_command(ranks), str(worker), str(TINY), str(run_dir)]
     cmd += [*_overrides(shards, run_dir, workers), *extra]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

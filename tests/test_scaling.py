@@ -10,17 +10,13 @@ images for k in 1, 2, 8, 16, the one-line world-size refusal, the dry run at 16.
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
-from conftest import ROOT, TINY, run_python, shard_overrides
+from conftest import ROOT, TINY, run_python, shard_overrides, torchrun
 
 from mtdist.config import ConfigError, load_config, to_dict
-from mtdist.dist import free_port
 from mtdist.logger import read_metrics
 from mtdist.plan import make_plan
 from mtdist.preflight import estimate
@@ -279,17 +275,7 @@ def test_two_rank_deepspeed_run_trains_with_the_derived_lr_and_decay(mnist_shard
         "model.sync_bn=true",
         "data.num_workers=1",
     ]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-    ]
-    cmd += [str(ROOT / "tests" / "dist_worker.py"), str(TINY), str(tmp_path), *overrides]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    torchrun([str(ROOT / "tests" / "dist_worker.py"), str(TINY), str(tmp_path), *overrides])
 
     rows = [r for r in read_metrics(tmp_path) if "train/loss_total" in r]
     assert [r["step"] for r in rows] == [2, 4, 6]
