@@ -15,7 +15,14 @@ import torch
 from PIL import Image
 
 from mtdist.data import build_eval_loader, build_train_loader, make_transforms, write_shards
-from mtdist.data.decode import dct_scale_eighths, decode_image, decode_rgbx, jpeg_size
+from mtdist.data.decode import (
+    cache_resident_buffer,
+    dct_scale_eighths,
+    decode_image,
+    decode_rgbx,
+    jpeg_size,
+    simplejpeg,
+)
 from mtdist.data.imagenet_fast import (
     ImagenetEvalFast,
     ImagenetTrainFast,
@@ -103,6 +110,20 @@ def test_decode_at_the_chosen_scale_keeps_every_crop_at_the_output_size() -> Non
             assert min(np.hypot(*decoded[:, :2].T)) >= 1 - 1e-9
         scales.add(eighths)
     assert scales & {1, 2, 4}  # the test exercises reduced decodes, not only full ones
+
+
+def test_decode_into_an_unaligned_buffer_gives_the_plain_decode() -> None:
+    # decode_rgbx decodes into cache_resident_buffer (rows off 16-byte alignment, so libjpeg-turbo's
+    # SIMD writes stay in the cache): the pixels must be exactly those of simplejpeg's own array.
+    for height, width in ((375, 500), (333, 500), (97, 131)):
+        data = _jpeg(height, width)
+        image = decode_rgbx(data, (height, width))
+        plain = simplejpeg.decode_jpeg(data, colorspace="RGBX")
+        assert image.ctypes.data % 16 == 4 and image.flags.c_contiguous
+        assert np.array_equal(image[..., :3], plain[..., :3])
+    half = decode_rgbx(_jpeg(480, 640), (480, 640), 4)  # a reduced scale in the full-size buffer
+    assert half.shape == (240, 320, 4)
+    assert cache_resident_buffer(10).ctypes.data % 64 == 4
 
 
 # ---------------------------------------------------------------------------------------------- train

@@ -28,6 +28,7 @@ _DCT_EIGHTHS = (1, 2, 4)  # libjpeg-turbo's reduced scales that save time (see d
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD_BYTES, _TRIM_THRESHOLD_BYTES = 32 << 20, 256 << 20
 _heap_kept = False
+_LINE_BYTES, _OFF_ALIGNMENT_BYTES = 64, 4  # see cache_resident_buffer
 
 
 def keep_freed_pages() -> None:
@@ -135,11 +136,30 @@ def decode_rgbx(data: bytes, jpeg_hw: tuple[int, int] | None, eighths: int = 8) 
     if jpeg_hw is not None:
         height, width = jpeg_hw
         min_h, min_w = math.ceil(height * eighths / 8), math.ceil(width * eighths / 8)
+        buffer = cache_resident_buffer(height * width * 4)  # the full size: enough at any scale
         try:
-            return simplejpeg.decode_jpeg(data, colorspace="RGBX", min_height=min_h, min_width=min_w)
+            return simplejpeg.decode_jpeg(
+                data, colorspace="RGBX", min_height=min_h, min_width=min_w, buffer=buffer
+            )
         except ValueError:
             pass
     return rgbx_from_rgb(decode_array(data, 3))
+
+
+def cache_resident_buffer(nbytes: int) -> np.ndarray:
+    """A new uint8 buffer for libjpeg-turbo to decode into, whose pixels stay in the CPU cache.
+
+    libjpeg-turbo's x86 SIMD color converters write a row with non-temporal stores (straight to
+    DRAM, evicting it from the cache) when the row starts on a 16-byte boundary, as numpy's arrays
+    do. The views read the decoded pixels right away, so those stores made the first warp of every
+    image read them back from DRAM: ~140 us where the second warp of the same image took ~75 us,
+    and the decode was no faster for it (measured on 500x375 to 500x333 JPEGs, benchmarks/RESULTS.md).
+    Starting the buffer 4 bytes past a 64-byte boundary keeps most rows unaligned (all of them where
+    the row's bytes are a multiple of 16); RGBX pixels stay 4-byte aligned, as OpenCV wants them.
+    """
+    raw = np.empty(nbytes + _LINE_BYTES, np.uint8)
+    start = (_OFF_ALIGNMENT_BYTES - raw.ctypes.data) % _LINE_BYTES
+    return raw[start : start + nbytes]
 
 
 def rgbx_from_rgb(rgb: np.ndarray) -> np.ndarray:
