@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from mtdist.data import DigitsAugment, read_index, shard_sample_counts, write_array_dataset
+from mtdist.data import stream as stream_module
 from mtdist.data.order import GlobalOrder, eval_positions, step_positions
 from mtdist.data.ordered import GlobalStream
-from mtdist.data.seek import TarReader, index_shards, load_offsets, offsets_path, scan_offsets
-from mtdist.data.stream import read_samples
+from mtdist.data.seek import TarReader, index_shards, load_offsets, offsets_path, scan_offsets, write_offsets
+from mtdist.data.stream import CorruptShardError, read_samples
 
 EVAL = DigitsAugment(0, 0.0, mean=0.0, std=1.0)
 UNLABELED, LABELED, VAL, GLOBAL_BATCH = 1000, 100, 90, 64
@@ -73,7 +74,7 @@ def _step_keys(spec: str, world_size: int, workers: int, steps: int, start: int 
 # ----------------------------------------------------------------------------------- byte-offset index
 def test_offsets_match_the_sequential_read(sets: dict[str, str]) -> None:
     for url in _urls(sets["unlabeled"])[:3]:
-        table, samples = load_offsets(url), list(read_samples([url]))
+        table, samples = load_offsets(url), list(read_samples([url], indexed=False))
         assert table[0].tolist() == [os.path.getsize(url), 0] and len(table) - 1 == len(samples)
         reader = TarReader()
         assert [reader.read(url, int(o), int(s)) for o, s in table[1:]] == samples
@@ -129,6 +130,41 @@ def test_a_truncated_tar_keeps_only_whole_samples(sets: dict[str, str], tmp_path
         for sample in read_samples([str(cut)]):
             sequential.append(sample["__key__"])
     assert len(scan_offsets(str(cut))) - 1 == len(sequential)
+
+
+def test_the_sequential_reader_reads_by_the_table_where_it_has_one(sets: dict[str, str], monkeypatch) -> None:
+    urls = _urls(sets["unlabeled"])[:2]
+    by_tar = list(read_samples(urls, indexed=False))
+    monkeypatch.setattr(stream_module, "_tar_samples", _no_tar_reads)
+    assert list(read_samples(urls)) == by_tar  # the same samples, and no tar parsed
+
+
+def test_the_indexed_read_of_a_damaged_or_broken_tar(sets: dict[str, str], tmp_path: Path) -> None:
+    url = _urls(sets["val"])[0]
+    data = bytearray(Path(url).read_bytes())
+    table = load_offsets(url)
+    offset = int(table[3, 0])  # sample 2's first header: damaged in place, the tar keeps its size
+    data[offset + 257 : offset + 262] = b"xxxxx"
+    damaged = tmp_path / "damaged.tar"
+    damaged.write_bytes(data)
+    write_offsets(str(damaged), table)
+    samples = list(read_samples([str(damaged)]))
+    assert [s["__key__"] for s in samples if "__lost__" not in s] == [
+        s["__key__"] for i, s in enumerate(read_samples([url])) if i != 2
+    ]
+    assert "__lost__" in samples[2] and "does not read as a sample" in samples[2]["__lost__"]
+    cut = tmp_path / "cut.tar"  # a table made of a tar that broke off: its whole samples, then the error
+    cut.write_bytes(Path(url).read_bytes()[: len(data) // 2 + 700])
+    write_offsets(str(cut))
+    keys = []
+    with pytest.raises(CorruptShardError, match="breaks off after its"):
+        for sample in read_samples([str(cut)]):
+            keys.append(sample["__key__"])
+    assert keys == [s["__key__"] for s in read_samples([url])][: len(keys)] and len(keys) > 0
+
+
+def _no_tar_reads(url: str):
+    raise AssertionError(f"{url} was read as a tar although it has a current offset table")
 
 
 # ----------------------------------------------------------------------------------- the global order

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import itertools
 import logging
-import tarfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from .order import GlobalOrder, eval_positions, step_positions
-from .seek import TarReader, has_offsets, load_offsets
+from .seek import RANGE_ERRORS, TarReader, has_offsets, load_offsets
 from .shards import _is_remote
 from .stream import DataError, ShardStream, _Tally, _with_skipped, _worker
 
@@ -36,9 +35,6 @@ log = logging.getLogger(__name__)
 
 # A place whose sample and this many substitutes are all corrupt: the data is mostly corrupt, stop.
 _MAX_SUBSTITUTES = 64
-# What a stale offset table or a damaged tar gives when one sample's range is read; a missing file
-# (FileNotFoundError) is not corrupt data and stops the run.
-_RANGE_ERRORS = (EOFError, ValueError, tarfile.TarError)
 
 
 class GlobalStream(ShardStream):
@@ -132,7 +128,7 @@ class GlobalStream(ShardStream):
             offset, size = (int(v) for v in table[1 + index])
             try:
                 sample = self.reader.read(url, offset, size)
-            except _RANGE_ERRORS as exc:
+            except RANGE_ERRORS as exc:
                 reason = f"its byte range does not read as a sample ({type(exc).__name__}: {exc})"
                 sample = {"__key__": f"<sample {index} of {url}>", "__url__": url, "__lost__": reason}
         if self.cache is not None:

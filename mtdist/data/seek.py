@@ -30,6 +30,9 @@ _BLOCK = tarfile.BLOCKSIZE
 # Plain-file member types; anything else (PAX, GNU long names) is parsed by tarfile instead.
 _PLAIN = (b"0", b"\0")
 _OPEN_FILES = 64  # per reader process: bounded, a set can have thousands of shards
+# What a stale offset table or a damaged tar gives when one sample's range is read; a missing file
+# (FileNotFoundError) is not corrupt data and stops the run.
+RANGE_ERRORS = (EOFError, ValueError, tarfile.TarError)
 
 
 def offsets_path(url: str) -> Path:
@@ -76,14 +79,23 @@ def has_offsets(url: str) -> bool:
     return path.is_file() and len(t := np.load(path, mmap_mode="r")) > 0 and t[0, 0] == os.path.getsize(url)
 
 
+def current_offsets(url: str) -> np.ndarray | None:
+    """The shard's offset table if one beside it matches the tar's size, else None (nothing is made)."""
+    path = offsets_path(url)
+    try:
+        table = np.load(path) if path.is_file() else None
+        current = table is not None and table.ndim == 2 and len(table) and table[0, 0] == os.path.getsize(url)
+    except (OSError, ValueError):  # an unreadable table, or the tar itself missing: read it as a tar
+        return None
+    return table if current else None
+
+
 def load_offsets(url: str, write: bool = True) -> np.ndarray:
     """The shard's offset table: read from beside it when it matches the tar's size, else made by one read
     of the tar (and written beside it with `write`, where the folder allows)."""
-    path = offsets_path(url)
-    if path.is_file():
-        table = np.load(path)
-        if table.ndim == 2 and len(table) and table[0, 0] == os.path.getsize(url):
-            return table
+    table = current_offsets(url)
+    if table is not None:
+        return table
     if not write:
         return scan_offsets(url)
     try:
