@@ -24,6 +24,7 @@ named .JPEG) and JPEGs simplejpeg is strict about take the full `decode_array` p
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 
 import cv2
@@ -49,6 +50,7 @@ from .views import eval_view_matrix, resample, to_decoded, train_view_matrix
 # Color jitter parameters packed after a view's pixels: the op order (0 brightness, 1 contrast,
 # 2 saturation, 3 hue) then the brightness, contrast and saturation factors and the hue shift (turns).
 JITTER_SLOTS = 8
+_JITTER_STRUCT = struct.Struct(f"={JITTER_SLOTS}f")  # native-order float32, as unpack_views reads them
 
 
 def rgbx_from_chw(image: torch.Tensor) -> np.ndarray:
@@ -81,16 +83,15 @@ def pack_view(pixels: np.ndarray, order: Sequence[int], factors: Sequence[float]
     """
     size = pixels.shape[0]
     pixel_bytes, offset = 3 * size * size, _params_offset(size)
-    out = torch.empty(packed_length(size), dtype=torch.uint8)
-    buffer = out.numpy()
+    buffer = np.empty(packed_length(size), np.uint8)  # numpy, then one from_numpy: cheaper per view
     rgb = buffer[:pixel_bytes].reshape(size, size, 3)
     if pixels.shape[2] == 4:
         cv2.cvtColor(pixels, cv2.COLOR_RGBA2RGB, dst=rgb)
     else:
         rgb[...] = pixels
     buffer[pixel_bytes:offset] = 0
-    buffer[offset:].view(np.float32)[:] = (*order, *factors)  # numpy: no tensor built per view
-    return out
+    _JITTER_STRUCT.pack_into(buffer, offset, *order, *factors)
+    return torch.from_numpy(buffer)
 
 
 def unpack_views(packed: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -58,14 +58,17 @@ def train_view_matrix(
     height, width = full_hw
     top, left, box_h, box_w = box
     # output -> rotated canvas: scale into the box (mirrored first if flipped), shift to its corner
-    sx = -box_w / size if flip else box_w / size
-    to_box = np.array([[sx, 0.0, left + (box_w if flip else 0.0)], [0.0, box_h / size, top]])
+    sx, sy = (-box_w / size if flip else box_w / size), box_h / size
+    tx = left + (box_w if flip else 0.0)
     # rotated canvas -> source: the inverse rotation about the image centre (y points down)
     a = math.radians(angle_deg)
     cos, sin = math.cos(a), math.sin(a)
     cx, cy = width / 2, height / 2
-    unrotate = np.array([[cos, -sin, cx - cos * cx + sin * cy], [sin, cos, cy - sin * cx - cos * cy]])
-    return compose(unrotate, to_box)
+    ux, uy = cx - cos * cx + sin * cy, cy - sin * cx - cos * cy
+    # the rotation after the box map, multiplied out: plain floats, one array (this runs per view)
+    return np.array(
+        [[cos * sx, -sin * sy, cos * tx - sin * top + ux], [sin * sx, cos * sy, sin * tx + cos * top + uy]]
+    )
 
 
 def eval_view_matrix(full_hw: tuple[int, int], resize: int, crop: int) -> np.ndarray:
@@ -97,7 +100,8 @@ def shrink_factor(matrix: np.ndarray) -> int:
     along the less reduced axis, where that is 2 or more (1 otherwise: the warp's bilinear handles a
     reduction under 2x). Powers of two because OpenCV's area filter is fast for 2x steps only (one 2x
     pass over a 960x720 region ~0.12 ms; a 3x pass ~0.8 ms, measured here)."""
-    per_x, per_y = math.hypot(matrix[0, 0], matrix[0, 1]), math.hypot(matrix[1, 0], matrix[1, 1])
+    (a, b, _), (c, d, _) = matrix.tolist()
+    per_x, per_y = math.hypot(a, b), math.hypot(c, d)
     fewest = min(per_x, per_y)
     return 1 if fewest < 2 else 1 << int(math.log2(fewest))
 
@@ -132,8 +136,8 @@ def resample(image: np.ndarray, matrix: np.ndarray, out_hw: tuple[int, int]) -> 
     if image.shape[0] == 0 or image.shape[1] == 0:  # the view lies wholly outside the image
         return np.zeros((*out_hw, *image.shape[2:]), np.uint8)
     # OpenCV samples at pixel centres: output centre u maps to source edge m(u + 0.5), centre - 0.5.
-    centred = matrix.copy()
-    centred[:, 2] += 0.5 * (matrix[:, 0] + matrix[:, 1]) - 0.5
+    (a, b, c), (d, e, f) = matrix.tolist()
+    centred = np.array([[a, b, c + 0.5 * (a + b) - 0.5], [d, e, f + 0.5 * (d + e) - 0.5]])
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     return cv2.warpAffine(
         image, centred, (out_hw[1], out_hw[0]), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0
