@@ -27,11 +27,12 @@ if TYPE_CHECKING:  # torch loads only for a measurement: `mtdist plan --images-p
 DEFAULT_SAMPLE_BYTES = 110_000
 # Two-view samples per second per CPU core that a loader worker turns out (tar read, one decode, each
 # view one warp to 224, packed as uint8; colour jitter and normalisation run on the GPU). An assumption
-# for any other machine: benchmarks/data.py measured this figure for mtdist's fused worker half (issue
-# 14) on one core of the development VM (AMD EPYC, KVM, 2 vCPUs; ImageNet-like JPEGs of 113 KB, 0.22
-# MP): 693 and 691 in two runs, see benchmarks/RESULTS.md. Before the fused views it was 168 (Intel
-# Xeon 2.5 GHz VM); before that, 600, a one-view estimate that left rotation out.
-DEFAULT_DECODE_PER_CORE = 690.0
+# for any other machine: benchmarks/data.py measured this figure for mtdist's fused worker half on one
+# core of the development VM (AMD EPYC, KVM, 2 vCPUs; ImageNet-like JPEGs of 113 KB, 0.22 MP): 802,
+# 761 and 772 in three runs of session 5, see benchmarks/RESULTS.md. It was 690 before the decode was
+# kept in the cache and the reader left tarfile (session 4), 168 before the fused views (Intel Xeon
+# 2.5 GHz VM), and before that 600, a one-view estimate that left rotation out.
+DEFAULT_DECODE_PER_CORE = 770.0
 DEFAULT_DECODE_SOURCE = (
     "assumed: benchmarks/data.py's mtdist worker half on one AMD EPYC VM core (benchmarks/RESULTS.md); "
     "--measure-decode N measures it here on the run's shards"
