@@ -24,6 +24,9 @@ from mtdist import failures
 from mtdist.config import Config
 
 log = logging.getLogger("mtdist")
+# slurmctld answers in well under a second; a controller that does not answer in this long (a failover)
+# must not keep a failed task alive past srun's --wait, which would kill it mid-decision.
+REQUEUE_TIMEOUT_S = 30.0
 
 
 def master_port(job_id: str) -> int:
@@ -92,6 +95,21 @@ def resume_when_restarted(submitted_pickle: Path, cfg: Config) -> None:
         delayed.dump(tmp)
 
 
+def requeue(job_id: str, timeout_s: float = REQUEUE_TIMEOUT_S) -> bool:
+    """`scontrol requeue JOB`; False (logged, never raised) when it fails, is missing or hangs: the
+    caller is about to end its task either way, and Slurm ends the others (srun --wait)."""
+    try:
+        proc = subprocess.run(
+            ["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=timeout_s
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:  # no scontrol here, or slurmctld not answering
+        log.error("scontrol requeue %s failed: %s; the job is not requeued", job_id, err)
+        return False
+    if proc.returncode != 0:  # e.g. Slurm is requeueing it already (a preemption): say so, go on
+        log.error("scontrol requeue %s failed: %s", job_id, proc.stderr.strip())
+    return proc.returncode == 0
+
+
 class TrainJob(Checkpointable):
     """`mtdist.train.main(cfg)` on every task; requeued with `checkpoint.resume=auto` when interrupted.
 
@@ -99,8 +117,9 @@ class TrainJob(Checkpointable):
     requeue) before calling us. The training loop (mtdist.preempt, checkpoint.signals) installs its own
     handler on top: at the next step boundary every rank checkpoints, then the loop calls submitit's
     handler outside signal context: on rank 0 it calls checkpoint() below, requeues and exits; on the
-    other ranks it returns and the loop raises Preempted. With SIGUSR2 left out of checkpoint.signals,
-    submitit's handler runs at once instead and the run resumes from its last periodic checkpoint.
+    other ranks it returns and the loop raises Preempted. `mtdist submit` refuses a config whose
+    checkpoint.signals leaves SIGUSR2 out (launch.submit.check_requeue_signal): submitit's handler would
+    then run at once, on rank 0 only, and the other ranks' failed collectives would read as a failure.
 
     submitit requeues on those signals only. A failure (an exception on any rank; a hang, which the
     rank's watchdog ends; a rank killed outright, whose peers' collectives then fail) goes to recover():
@@ -144,9 +163,7 @@ class TrainJob(Checkpointable):
             log.error("job %s failed: %s; %s", job.job_id, decision.cause, decision.action)
         if mine and decision.requeue:
             resume_when_restarted(job.paths.submitted_pickle, self.cfg)
-            proc = subprocess.run(["scontrol", "requeue", str(job.job_id)], capture_output=True, text=True)
-            if proc.returncode != 0:  # e.g. Slurm is requeueing it already (a preemption): say so, go on
-                log.error("scontrol requeue %s failed: %s", job.job_id, proc.stderr.strip())
+            requeue(str(job.job_id))
         return decision.requeue
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:

@@ -52,8 +52,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def load(path: str, overrides: list[str]) -> Config:
     """load_config (which validates GPUs vs tasks), with run_dir made absolute (the folder we print)."""
     cfg = load_config(path, overrides)
+    check_requeue_signal(cfg)
     run_dir = str(Path(cfg.logging.run_dir).resolve())
     return dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, run_dir=run_dir))
+
+
+def check_requeue_signal(cfg: Config) -> None:
+    """checkpoint.signals must hold the signal submitit asks Slurm to send before the time limit.
+
+    Without it, submitit's own handler runs at the signal: task 0 requeues and exits at once, the other
+    tasks keep training, their next collective fails, and the requeue is recorded as a failure of
+    every other rank (counted against cluster.max_failures), with no checkpoint at that step.
+    """
+    from mtdist.launch.job import requeue_signal
+
+    name = requeue_signal().name
+    if name not in cfg.checkpoint.signals:
+        raise ConfigError(
+            f"checkpoint.signals: {cfg.checkpoint.signals} leaves out {name}, the signal submitit has Slurm "
+            f"send before the time limit; add it (the default list has it), or every requeue reads as a "
+            f"failure of the ranks other than 0"
+        )
 
 
 def tasks_per_node(cluster: ClusterConfig) -> int:

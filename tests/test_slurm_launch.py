@@ -117,6 +117,10 @@ def test_cpu_only_nodes_ask_for_tasks_and_no_gpus(tmp_path, capsys):
             ["cluster.time_minutes=1", "cluster.signal_delay_s=60"],
             "cluster.signal_delay_s: 60 must be in [0, cluster.time_minutes * 60) (60 s)",
         ),
+        (
+            ["checkpoint.signals=[SIGUSR1, SIGTERM]"],
+            "checkpoint.signals: ['SIGUSR1', 'SIGTERM'] leaves out SIGUSR2, the signal submitit has Slurm",
+        ),
     ],
 )
 def test_bad_cluster_config_is_a_one_line_error_before_slurm(overrides, message, capsys):
@@ -224,3 +228,23 @@ def test_run_dir_is_made_absolute_for_the_job(monkeypatch, tmp_path):
     cfg = submit.load(str(TINY), ["logging.run_dir=runs/x"])
     assert cfg.logging.run_dir == str(tmp_path / "runs" / "x")
     assert submit.log_folder(cfg) == Path(tmp_path / "runs" / "x" / "slurm")
+
+
+def test_a_requeue_that_fails_hangs_or_has_no_scontrol_is_logged_not_raised(tmp_path, monkeypatch, caplog):
+    from mtdist.launch.job import requeue
+
+    fake = tmp_path / "scontrol"
+    monkeypatch.setenv("PATH", str(tmp_path))
+    fake.write_text("#!/bin/sh\nexec /bin/sleep 30\n")
+    fake.chmod(0o755)
+    assert requeue("42", timeout_s=0.5) is False  # a controller that does not answer
+    fake.write_text("#!/bin/sh\necho 'Requested operation is presently disabled' >&2\nexit 1\n")
+    assert requeue("42") is False
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    assert requeue("42") is True
+    fake.unlink()
+    assert requeue("42") is False  # no scontrol on this node
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("timed out after 0.5 seconds" in m for m in messages)
+    assert any("presently disabled" in m for m in messages)
+    assert any("No such file" in m for m in messages)
