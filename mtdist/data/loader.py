@@ -24,9 +24,9 @@ from torch.utils.data import DataLoader
 
 from mtdist.preempt import ignore_stop_signals
 
-from .ordered import GlobalStream, take_skipped
+from .ordered import GlobalStream
 from .seeds import counter_seeds, seed_key
-from .stream import ErrorBound, ShardStream, check_readers, check_skipped
+from .stream import ErrorBound, ShardStream
 from .transforms import Transform
 
 log = logging.getLogger(__name__)
@@ -126,16 +126,11 @@ def build_train_loader(
         parts.append((unlabeled_urls, unlabeled_per_gpu, False, UNLABELED_STREAM))
     loaders = []
     stream_class = _stream_class(order)
-    if stream_class is GlobalStream:
-        common["progress"] = progress
+    common["progress"] = progress
     for urls, batch_size, labeled, stream in parts:
-        stream_skipped = skipped.get(STREAM_NAMES[stream], ())
-        if stream_class is ShardStream:
-            check_readers(len(urls), world_size, num_workers)
-            check_skipped(stream_skipped, num_workers)
-        else:  # the record keeps the (inherited) totals; a reader's bound restarts on another layout
-            skipped[STREAM_NAMES[stream]] = take_skipped(stream_skipped, num_workers)
-            stream_skipped = () if moved else stream_skipped
+        name = STREAM_NAMES[stream]
+        stream_class.check_layout(len(urls), world_size, num_workers)
+        skipped[name], stream_skipped = stream_class.resume_skipped(skipped.get(name, ()), num_workers, moved)
         dataset = stream_class(
             urls, seed=stream_seed(seed, stream), labeled=labeled, batch_size=batch_size,
             skipped=stream_skipped, **common,
@@ -145,7 +140,7 @@ def build_train_loader(
     names = [STREAM_NAMES[stream] for *_, stream in parts]
     record = BatchRecord(start_batch, {name: skipped.get(name, ()) for name in names}, num_workers)
     batches = _zip_batches(loaders, pin=pin_memory and torch.cuda.is_available(), record=record)
-    if batch_transform is not None and stream_class is GlobalStream:
+    if batch_transform is not None and stream_class.places_by_step:
         key = seed_key(stream_seed(seed, BATCH_AUGMENT_STREAM))  # no rank: seeded by place, see below
         places = _global_places(rank, world_size, labeled_per_gpu, unlabeled_per_gpu)
         per_step = world_size * (labeled_per_gpu + unlabeled_per_gpu)
@@ -282,15 +277,13 @@ def build_eval_loader(
     """One pass over `urls`: each usable sample exactly once over all ranks and workers; yields (x, labels,
     keys), and counts the corrupt samples dropped (`errors`). `order="global"` needs no shard per reader."""
     stream_class = _stream_class(order)
-    if stream_class is ShardStream:
-        check_readers(len(urls), world_size, num_workers)
+    stream_class.check_layout(len(urls), world_size, num_workers)
     batched = getattr(transform, "batched", False)  # as in build_train_loader: prepare per sample
-    extra = {"progress": progress} if stream_class is GlobalStream else {}
     dataset = stream_class(
         urls, rank=rank, world_size=world_size, seed=0, channels=channels, batch_size=batch_size,
         transform=transform.prepare if batched else transform,
         views=1, labeled=True, infinite=False, num_classes=num_classes,
-        error_bound=error_bound or ErrorBound(), report_skipped=True, **extra,
+        error_bound=error_bound or ErrorBound(), report_skipped=True, progress=progress,
     )  # fmt: skip
     # Pinned on CUDA, so the finishing transform's copy to the device is asynchronous, as in training.
     pin = torch.cuda.is_available()

@@ -68,6 +68,20 @@ class GlobalStream(ShardStream):
         self.cache: dict[int, dict] | None = {} if self.cache is not None else None
         self.reader: TarReader | None = None
 
+    places_by_step = True
+
+    @classmethod
+    def check_layout(cls, num_shards: int, world_size: int, num_workers: int) -> None:
+        """Any number of shards serves any number of readers: nothing to refuse."""
+
+    @classmethod
+    def resume_skipped(
+        cls, skipped: Sequence[int], num_workers: int, moved: bool
+    ) -> tuple[list[int], Sequence[int]]:
+        """The record keeps the (inherited) totals (take_skipped); the streams get the per-worker counts
+        only on the same allocation (not `moved`), else each reader's error bound restarts."""
+        return take_skipped(skipped, num_workers), () if moved else skipped
+
     def __iter__(self) -> Iterator[tuple]:
         return self.reader_samples(*_worker())
 

@@ -36,8 +36,9 @@ import itertools
 import logging
 import tarfile
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -235,8 +236,10 @@ class ShardStream(IterableDataset):
         error_bound: ErrorBound = ErrorBound(),
         skipped: Sequence[int] = (),
         report_skipped: bool = False,
+        progress: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__()
+        del progress  # nothing slow at construction here: shards are read (and counted) in the readers
         if not urls:
             raise ValueError("ShardStream needs at least one shard url")
         if not 0 <= rank < world_size:
@@ -260,6 +263,24 @@ class ShardStream(IterableDataset):
         self.counts: dict[str, int] = {url: int(counts[url]) for url in self.urls if url in counts}
         # url -> samples of every shard read, images decoded on first use (per reader process)
         self.cache: dict[str, list[dict]] | None = {} if cache_decoded else None
+
+    # Whether a global step's samples are placed by a world-size-free order (GlobalStream): the same at
+    # any ranks and workers, so the batch half of a transform is seeded by place, not by rank.
+    places_by_step: ClassVar[bool] = False
+
+    @classmethod
+    def check_layout(cls, num_shards: int, world_size: int, num_workers: int) -> None:
+        """Refuse, at build time, a layout the stream cannot read: here every reader needs a shard."""
+        check_readers(num_shards, world_size, num_workers)
+
+    @classmethod
+    def resume_skipped(
+        cls, skipped: Sequence[int], num_workers: int, moved: bool
+    ) -> tuple[list[int], Sequence[int]]:
+        """(what the loader's record keeps, what the streams get) of a saved per-worker dropped count.
+        A reader's position here depends on its own drops, so they must be for this worker count."""
+        check_skipped(skipped, num_workers)
+        return [int(n) for n in skipped], skipped
 
     def set_epoch(self, epoch: int) -> None:
         """Start the next iteration at this epoch (set it before the DataLoader starts its workers)."""
