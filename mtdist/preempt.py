@@ -39,12 +39,19 @@ class StopSignal:
         self.received = signum
 
     def requested(self, device: torch.device) -> bool:
-        """True on every rank if any rank got a stop signal."""
+        """True on every rank if any rank had a stop signal when it entered this call.
+
+        A signal that arrives during the all-reduce (a rank can wait in it for a slower peer for much
+        of a step) is kept for the next call, not overwritten by the agreed value: the ranks then
+        stop one step later, together, instead of never.
+        """
         flag = torch.tensor([self.received], dtype=torch.int64, device=device)
         if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
             torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
-        self.received = int(flag.item())
-        return self.received != 0
+        agreed = int(flag.item())
+        if agreed:
+            self.received = agreed  # a peer's signal, for hand_over
+        return agreed != 0
 
     def hand_over(self) -> None:
         """Call the handler ours replaced (e.g. submitit's requeue), else raise Preempted."""
