@@ -17,6 +17,7 @@ import random
 import signal
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader
 from mtdist.preempt import ignore_stop_signals
 
 from .ordered import GlobalStream
+from .pool import PREFETCH_FACTOR, BatchPool
 from .seeds import counter_seeds, seed_key
 from .stream import ErrorBound, ShardStream
 from .transforms import Transform
@@ -124,7 +126,7 @@ def build_train_loader(
     parts = [(labeled_urls, labeled_per_gpu, True, LABELED_STREAM)]
     if unlabeled_per_gpu > 0:
         parts.append((unlabeled_urls, unlabeled_per_gpu, False, UNLABELED_STREAM))
-    loaders = []
+    loaders, pools = [], []
     stream_class = _stream_class(order)
     common["progress"] = progress
     for urls, batch_size, labeled, stream in parts:
@@ -135,11 +137,15 @@ def build_train_loader(
             urls, seed=stream_seed(seed, stream), labeled=labeled, batch_size=batch_size,
             skipped=stream_skipped, **common,
         )  # fmt: skip
+        # The workers stack the views into memory they reuse (BatchPool); _zip_batches' cat copies it out.
+        pool = BatchPool(num_workers, views=2, context=worker_context()) if num_workers > 0 else None
+        pools.append(pool)
         # Not pinned here: the cat of the two parts would drop the pinning; the final batch is pinned.
-        loaders.append(_loader(dataset, batch_size, num_workers, pin_memory=False, seed=dataset.seed + rank))
+        seed_r = dataset.seed + rank
+        loaders.append(_loader(dataset, batch_size, num_workers, pin_memory=False, seed=seed_r, collate=pool))
     names = [STREAM_NAMES[stream] for *_, stream in parts]
     record = BatchRecord(start_batch, {name: skipped.get(name, ()) for name in names}, num_workers)
-    batches = _zip_batches(loaders, pin=pin_memory and torch.cuda.is_available(), record=record)
+    batches = _zip_batches(loaders, pools, pin=pin_memory and torch.cuda.is_available(), record=record)
     if batch_transform is not None and stream_class.places_by_step:
         key = seed_key(stream_seed(seed, BATCH_AUGMENT_STREAM))  # no rank: seeded by place, see below
         places = _global_places(rank, world_size, labeled_per_gpu, unlabeled_per_gpu)
@@ -304,6 +310,7 @@ def _loader(
     pin_memory: bool,
     seed: int,
     drop_last: bool = True,
+    collate: Callable[[list], Any] | None = None,
 ) -> DataLoader:
     # The generator fixes torch's per-worker base seed, which would otherwise come from the global RNG.
     return DataLoader(
@@ -316,6 +323,8 @@ def _loader(
         multiprocessing_context=worker_context() if num_workers > 0 else None,
         worker_init_fn=_seed_worker_globals,
         generator=torch.Generator().manual_seed(seed),
+        collate_fn=collate,
+        prefetch_factor=PREFETCH_FACTOR if num_workers > 0 else None,
     )
 
 
@@ -354,13 +363,17 @@ atexit.register(_kill_workers_at_exit)
 
 
 def _zip_batches(
-    loaders: list[DataLoader], pin: bool, record: BatchRecord
+    loaders: list[DataLoader], pools: list[BatchPool | None], pin: bool, record: BatchRecord
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    for batches in zip(*loaders, strict=False):
+    for n, batches in enumerate(zip(*loaders, strict=False)):
         # Each batch is (view1, view2, labels, keys, dropped): the record takes the last two.
         dropped = {name: int(batch[-1].sum()) for name, batch in zip(record.names, batches, strict=True)}
         record.add(dropped, [key for batch in batches for key in batch[-2]])
-        yield tuple(_cat([batch[i] for batch in batches], pin) for i in range(3))
+        out = tuple(_cat([batch[i] for batch in batches], pin) for i in range(3))
+        for pool, batch in zip(pools, batches, strict=True):
+            if pool is not None:  # the cat copied its views out: the worker may write that slot again
+                pool.release(n, batch[:2])
+        yield out
 
 
 def _augment_batches(
