@@ -55,8 +55,11 @@ def test_data_benchmark_runs_each_pipeline_in_its_own_process_and_reports_the_go
 
     res = data.run(num_images=12, rounds=1, batch=4)
     assert all(res["images_per_cpu_s"][k] > 0 for k in (*data.PIPELINES, "device_half_cpu"))
-    assert [r["goal"] for r in res["ratios"]] == [">= 0.7", ">= 3.5"]
+    assert [r["goal"] for r in res["ratios"]] == [">= 0.7", ">= 3.5", ">= 3.5"]
     assert res["share_of_decode"] == res["ratios"][0]["value"] and res["ratio"] == res["ratios"][1]["value"]
+    assert res["ratio_in_worker"] == res["ratios"][2]["value"] > 0  # both pipelines in a real loader worker
+    assert all(res["in_worker_images_per_cpu_s"][k] > 0 for k in data.IN_WORKER)
     assert 0 <= res["fidelity"]["train_mean"] <= res["fidelity"]["train_p99"] + 1
     text = "\n".join(data.report_lines(res))
     assert "mtdist worker half / decode only" in text and "fidelity, fused vs reference views" in text
+    assert "in a real loader worker" in text
