@@ -21,7 +21,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# every benchmark, ratios measured side by side (about 2 minutes on 2 cores); see benchmarks/RESULTS.md
+# every benchmark, ratios measured side by side (about 2.5 minutes on 2 cores); see benchmarks/RESULTS.md
 bench: setup
 	$(PY) -m benchmarks
 

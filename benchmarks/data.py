@@ -248,7 +248,8 @@ class PillowSamples(torch.utils.data.IterableDataset):
             yield pillow_view(image, rng, gen, False), pillow_view(image, rng, gen, False), int(sample["cls"])
 
 
-IN_WORKER = ("mtdist", "pillow")
+# mtdist_torch_collate: mtdist with torch's default collate, to show what the BatchPool itself saves
+IN_WORKER = ("mtdist", "mtdist_torch_collate", "pillow")
 
 
 def worker_loader(name: str, urls: list[str], batch: int) -> tuple[DataLoader, BatchPool | None]:
@@ -256,12 +257,12 @@ def worker_loader(name: str, urls: list[str], batch: int) -> tuple[DataLoader, B
     BatchPool collate (batch memory reused), or the naive pipeline with torch's default collate."""
     from mtdist.data.loader import worker_context
 
-    if name == "mtdist":
+    if name.startswith("mtdist"):
         dataset = ShardStream(
             urls, rank=0, world_size=1, seed=0, transform=ImagenetTrainGeometry(OUTPUT_PX), channels=3,
             views=2, labeled=True, infinite=False, shuffle_buffer=100,
         )  # fmt: skip
-        pool = BatchPool(1, views=2, context=worker_context())
+        pool = BatchPool(1, views=2, context=worker_context()) if name == "mtdist" else None
     else:
         dataset, pool = PillowSamples(urls), None
     loader = DataLoader(
@@ -477,7 +478,8 @@ def report_lines(res: dict[str, Any]) -> list[str]:
         f"vs Pillow with hue {res['ratio_vs_pillow_hue']:.2f}x; with the device half also on the CPU "
         f"{res['ratio_both_halves_on_cpu']:.2f}x",
         "in a real loader worker (one worker, its CPU time; mtdist's BatchPool collate, Pillow's default): "
-        f"mtdist {res['in_worker_images_per_cpu_s']['mtdist']:.0f}, Pillow "
+        f"mtdist {res['in_worker_images_per_cpu_s']['mtdist']:.0f} (with torch's collate "
+        f"{res['in_worker_images_per_cpu_s']['mtdist_torch_collate']:.0f}), Pillow "
         f"{res['in_worker_images_per_cpu_s']['pillow']:.0f} images/s per worker core: "
         f"{res['ratio_in_worker']:.2f}x",
         "fidelity, fused vs reference views, |difference| in uint8 levels: "

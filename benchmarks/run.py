@@ -1,6 +1,6 @@
 """All benchmarks in one command, each printing ratios of two things measured side by side in one run.
 
-    .venv/bin/python -m benchmarks            # or: make bench   (about 2 minutes on 2 CPU cores)
+    .venv/bin/python -m benchmarks            # or: make bench   (about 2.5 minutes on 2 CPU cores)
     .venv/bin/python -m benchmarks --only ema,step
 
 (a) ema: the fused teacher update vs the authors' per-parameter loop and vs a memory copy
