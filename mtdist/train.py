@@ -478,7 +478,11 @@ def main(cfg: Config, on_hang: Callable[[Watchdog], None] | None = None) -> dict
 
     def hung(w: Watchdog) -> None:
         error = f"no progress for {w.timeout_s:g} s, exit {HANG_EXIT_CODE}; stacks in {w.stack_file}"
-        record_failure(cfg, env, w, "hang", error)
+        # Waiting in a collective, this rank most likely waits for a peer stuck elsewhere: recorded as a
+        # lost peer, so the decision waits for (and names first) the peer's own hang record.
+        collective = w.in_collective()
+        kind, error = ("collective", f"waiting in a collective, {error}") if collective else ("hang", error)
+        record_failure(cfg, env, w, kind, error)
         if on_hang is not None:
             on_hang(w)
 

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -55,6 +56,8 @@ class Watchdog:
         return self.run_dir / f"hang-rank{self.rank:05d}.txt"
 
     def start(self) -> Watchdog:
+        """Watch the calling thread (the training loop's): its beats, and where it waits when it hangs."""
+        self._watched = threading.get_ident()
         if self.timeout_s > 0 and self._thread is None:
             self._thread = threading.Thread(target=self._watch, name="mtdist-watchdog", daemon=True)
             self._thread.start()
@@ -74,6 +77,11 @@ class Watchdog:
 
     def stop(self) -> None:
         self._stopped.set()
+
+    def in_collective(self) -> bool:
+        """Whether the watched thread waits inside a collective (torch.distributed or DeepSpeed's comm):
+        then it most likely waits for a peer that hangs elsewhere, and its hang is not the cause."""
+        return waits_in_collective(sys._current_frames().get(getattr(self, "_watched", -1)))
 
     def _watch(self) -> None:
         while not self._stopped.wait(self.poll_s):
@@ -110,3 +118,15 @@ class Watchdog:
                 faulthandler.dump_traceback(f, all_threads=True)
         except OSError as err:
             sys.stderr.write(f"mtdist watchdog: could not write {self.stack_file}: {err}\n")
+
+
+_COLLECTIVE_MODULES = ("/torch/distributed/", "/deepspeed/comm/")
+
+
+def waits_in_collective(frame: FrameType | None) -> bool:
+    """Whether any frame of this stack (innermost first) runs in a collective's module."""
+    while frame is not None:
+        if any(part in frame.f_code.co_filename.replace("\\", "/") for part in _COLLECTIVE_MODULES):
+            return True
+        frame = frame.f_back
+    return False

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from multiprocessing import forkserver
 from pathlib import Path
@@ -24,7 +25,7 @@ from conftest import ROOT, TINY, shard_overrides, torchrun_command
 from mtdist import data as mtdata
 from mtdist.failures import TEST_FAULT_ENV, read_records
 from mtdist.logger import read_metrics
-from mtdist.watchdog import HANG_EXIT_CODE
+from mtdist.watchdog import HANG_EXIT_CODE, Watchdog
 
 pytestmark = pytest.mark.slow
 EVALUATIONS = 100
@@ -139,3 +140,31 @@ def test_stop_signals_to_the_fork_server_leave_the_loader_workers_running(mnist_
         time.sleep(1.0)
         os.kill(server, 0)  # still alive (ProcessLookupError otherwise)
         assert len(list(itertools.islice(batches, 60))) == 60  # far past the workers' prefetch
+
+
+def test_a_rank_waiting_in_a_collective_is_told_from_one_stuck_elsewhere(tmp_path: Path) -> None:
+    """The watchdog's in_collective: a thread blocked under a torch.distributed (or DeepSpeed comm) frame
+    is a peer waiting for the stuck rank, recorded as a lost peer so that the stuck rank's hang is the cause
+    (whichever watchdog fires first)."""
+    namespace: dict = {}
+    fake = "/venv/site-packages/torch/distributed/distributed_c10d.py"  # where a real all_reduce blocks
+    exec(compile("def all_reduce(event):\n    event.wait()\n", fake, "exec"), namespace)
+    for blocker, expected in ((namespace["all_reduce"], True), (threading.Event.wait, False)):
+        event, seen = threading.Event(), []
+
+        def loop(block=blocker, event=event, seen=seen) -> None:
+            dog = Watchdog(30, tmp_path, rank=0).start()  # watches this thread (stopped long before 30 s)
+            seen.append(dog)
+            block(event)
+
+        thread = threading.Thread(target=loop)
+        thread.start()
+        while not seen or thread.ident not in sys._current_frames():
+            time.sleep(0.01)
+        time.sleep(0.05)  # inside the blocking call
+        try:
+            assert seen[0].in_collective() is expected
+        finally:
+            seen[0].stop()
+            event.set()
+            thread.join()
