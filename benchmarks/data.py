@@ -135,33 +135,40 @@ def decode_only(urls: list[str]) -> int:
     return count
 
 
-def mtdist_batches(urls: list[str], batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """What a loader worker yields: (packed view1 batch, packed view2 batch), collated."""
-    stream = ShardStream(
+def mtdist_stream(urls: list[str]) -> ShardStream:
+    """One pass of a training stream of ImagenetTrainGeometry's packed two-view samples."""
+    return ShardStream(
         urls, rank=0, world_size=1, seed=0, transform=ImagenetTrainGeometry(OUTPUT_PX), channels=3,
         views=2, labeled=True, infinite=False, shuffle_buffer=100,
     )  # fmt: skip
-    yield from _collate(iter(stream), batch)
 
 
-def pillow_batches(urls: list[str], batch: int, hue: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The naive pipeline's collated (view1, view2) batches; `hue` adds torchvision's PIL hue jitter."""
+def mtdist_batches(urls: list[str], batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """What a loader worker yields: (packed view1 batch, packed view2 batch), collated."""
+    yield from _collate(iter(mtdist_stream(urls)), batch)
 
-    def samples() -> Iterator[tuple]:
+
+class PillowSamples(torch.utils.data.IterableDataset):
+    """The naive pipeline's samples, (view1, view2, label, key); `hue` adds torchvision's PIL hue jitter.
+    Iterated in one process (pillow_batches) or as a DataLoader's dataset (worker_loader)."""
+
+    def __init__(self, urls: list[str], hue: bool = False) -> None:
+        self.urls, self.hue = urls, hue
+
+    def __iter__(self) -> Iterator[tuple]:
         gen = torch.Generator()
-        for i, sample in enumerate(read_samples(urls)):
+        for i, sample in enumerate(read_samples(self.urls)):
             rng = random.Random(i)
             image = Image.open(io.BytesIO(sample["jpg"]))
             image = image if image.mode == "RGB" else image.convert("RGB")  # open + convert loads it
             gen.manual_seed(i)
-            yield (
-                pillow_view(image, rng, gen, hue),
-                pillow_view(image, rng, gen, hue),
-                int(sample["cls"]),
-                sample["__key__"],
-            )
+            views = pillow_view(image, rng, gen, self.hue), pillow_view(image, rng, gen, self.hue)
+            yield *views, int(sample["cls"]), sample["__key__"]
 
-    yield from _collate(samples(), batch)
+
+def pillow_batches(urls: list[str], batch: int, hue: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The naive pipeline's collated (view1, view2) batches."""
+    yield from _collate(iter(PillowSamples(urls, hue)), batch)
 
 
 def pillow_view(image: Image.Image, rng: random.Random, gen: torch.Generator, hue: bool) -> torch.Tensor:
@@ -232,44 +239,19 @@ def child(name: str, urls: list[str], batch: int) -> None:
 
 
 # ------------------------------------------------------------------------------ in a real loader worker
-class PillowSamples(torch.utils.data.IterableDataset):
-    """The naive pipeline's samples (pillow_batches' per-sample part) as a DataLoader dataset."""
-
-    def __init__(self, urls: list[str]) -> None:
-        self.urls = urls
-
-    def __iter__(self) -> Iterator[tuple]:
-        gen = torch.Generator()
-        for i, sample in enumerate(read_samples(self.urls)):
-            rng = random.Random(i)
-            image = Image.open(io.BytesIO(sample["jpg"]))
-            image = image if image.mode == "RGB" else image.convert("RGB")
-            gen.manual_seed(i)
-            yield pillow_view(image, rng, gen, False), pillow_view(image, rng, gen, False), int(sample["cls"])
-
-
 # mtdist_torch_collate: mtdist with torch's default collate, to show what the BatchPool itself saves
 IN_WORKER = ("mtdist", "mtdist_torch_collate", "pillow")
 
 
 def worker_loader(name: str, urls: list[str], batch: int) -> tuple[DataLoader, BatchPool | None]:
-    """One-worker DataLoader as training builds it (mtdist's fork server): mtdist's stream with its
-    BatchPool collate (batch memory reused), or the naive pipeline with torch's default collate."""
-    from mtdist.data.loader import worker_context
+    """A one-worker DataLoader built as training builds it (loader._loader: mtdist's fork server, its
+    worker_init_fn): mtdist's stream with its BatchPool collate (batch memory reused) or torch's default
+    collate, or the naive pipeline with torch's default collate."""
+    from mtdist.data.loader import _loader, worker_context
 
-    if name.startswith("mtdist"):
-        dataset = ShardStream(
-            urls, rank=0, world_size=1, seed=0, transform=ImagenetTrainGeometry(OUTPUT_PX), channels=3,
-            views=2, labeled=True, infinite=False, shuffle_buffer=100,
-        )  # fmt: skip
-        pool = BatchPool(1, views=2, context=worker_context()) if name == "mtdist" else None
-    else:
-        dataset, pool = PillowSamples(urls), None
-    loader = DataLoader(
-        dataset, batch_size=batch, num_workers=1, collate_fn=pool, multiprocessing_context=worker_context(),
-        persistent_workers=True, prefetch_factor=2, drop_last=True,
-    )  # fmt: skip
-    return loader, pool
+    pool = BatchPool(1, views=2, context=worker_context()) if name == "mtdist" else None
+    dataset = mtdist_stream(urls) if name.startswith("mtdist") else PillowSamples(urls)
+    return _loader(dataset, batch, num_workers=1, pin_memory=False, seed=0, collate=pool), pool
 
 
 def worker_child(name: str, urls: list[str], batch: int) -> None:

@@ -50,6 +50,7 @@ class Watchdog:
         self.last_beat = time.monotonic()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
+        self._watched: int | None = None  # the thread that beats (start's caller)
 
     @property
     def stack_file(self) -> Path:
@@ -81,7 +82,7 @@ class Watchdog:
     def in_collective(self) -> bool:
         """Whether the watched thread waits inside a collective (torch.distributed or DeepSpeed's comm):
         then it most likely waits for a peer that hangs elsewhere, and its hang is not the cause."""
-        return waits_in_collective(sys._current_frames().get(getattr(self, "_watched", -1)))
+        return waits_in_collective(sys._current_frames().get(self._watched))
 
     def _watch(self) -> None:
         while not self._stopped.wait(self.poll_s):

@@ -75,8 +75,7 @@ def write_offsets(url: str, table: np.ndarray | None = None) -> np.ndarray:
 
 def has_offsets(url: str) -> bool:
     """Whether the shard has a current offset table beside it (one of the tar's size)."""
-    path = offsets_path(url)
-    return path.is_file() and len(t := np.load(path, mmap_mode="r")) > 0 and t[0, 0] == os.path.getsize(url)
+    return current_offsets(url) is not None
 
 
 def current_offsets(url: str) -> np.ndarray | None:
