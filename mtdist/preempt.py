@@ -9,6 +9,8 @@ CLI exits with REQUEUE_EXIT_CODE.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
 from collections.abc import Callable
 from types import FrameType
@@ -76,3 +78,26 @@ def ignore_stop_signals() -> None:
     """
     for name in STOP_SIGNALS:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies; a no-op elsewhere.
+
+    For the loader workers' fork server (its parent: the rank) and the workers (theirs: the server).
+    Every child of a multiprocessing fork server holds the write end of the server's "alive" pipe, so a
+    server whose rank was killed outright (SIGKILL, the OOM killer) never sees it close, and its workers,
+    whose torch watchdog only checks that their parent (the server) lives, never see the rank go: all of
+    them stayed, ~1 GB a rank, until the machine ran out of memory (found in session 5's test runs).
+    """
+    parent = os.getppid()
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: nothing to set
+        return
+    if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        return
+    if os.getppid() != parent:  # the parent died before the setting took effect
+        os._exit(0)

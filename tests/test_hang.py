@@ -168,3 +168,50 @@ def test_a_rank_waiting_in_a_collective_is_told_from_one_stuck_elsewhere(tmp_pat
             seen[0].stop()
             event.set()
             thread.join()
+
+
+_LOADER_THEN_WAIT = """
+import os, sys, time
+import torch
+from mtdist.data.loader import _loader
+
+if __name__ == "__main__":
+    batches = iter(_loader([torch.zeros(2)] * 64, 4, num_workers=2, pin_memory=False, seed=0))
+    next(batches)
+    print(os.getpid(), flush=True)
+    time.sleep(300)
+"""
+
+
+def test_a_rank_killed_outright_takes_its_fork_server_and_loader_workers_with_it(tmp_path: Path) -> None:
+    """Every child of a fork server holds its "alive" pipe open, so the server of a SIGKILLed rank never
+    saw it go, and its workers (whose watchdog checks the server) stayed forever (preempt.die_with_parent)."""
+    script = tmp_path / "loader_then_wait.py"
+    script.write_text(_LOADER_THEN_WAIT)
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(proc.stdout.readline())
+        family = _descendants(pid)
+        assert len(family) >= 3, family  # the fork server (and its resource tracker) and the 2 workers
+        os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while (alive := [p for p in family if Path(f"/proc/{p}").exists() and not _zombie(p)]) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.1)
+        assert not alive, [Path(f"/proc/{p}/cmdline").read_text().replace("\0", " ")[:80] for p in alive]
+    finally:
+        proc.kill()
+
+
+def _descendants(pid: int) -> list[int]:
+    children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return children + [d for c in children for d in _descendants(c)]
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from mtdist.preempt import ignore_stop_signals
+from mtdist.preempt import die_with_parent, ignore_stop_signals
 
 from .ordered import GlobalStream
 from .pool import PREFETCH_FACTOR, BatchPool
@@ -335,6 +335,7 @@ def _seed_worker_globals(worker_id: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     ignore_stop_signals()  # Slurm's stop signals reach workers too: the main process acts on them
+    die_with_parent()  # their fork server, which dies with the rank (data/fork_server.py)
 
 
 def shut_down(loader: DataLoader) -> None:
