@@ -31,11 +31,13 @@ import torch
 import torch.distributed as torch_dist
 
 from mtdist.config import Config, to_dict
+from mtdist.data.seeds import seed_key
 from mtdist.dist import barrier
 from mtdist.plan import global_batches
 
 LATEST = "latest"
 BEST = "best"
+NEW_RANK_TAG = 2  # seed_key entropy tag of new_rank_seed (the data streams use 0 and 1)
 # Tests only (tests/test_resume.py): "N" makes every rank block inside the save of step N, after
 # writing its files into the temporary folder, until it is killed: a kill during a save, made exact.
 HANG_IN_SAVE_ENV = "MTDIST_TEST_HANG_IN_SAVE"
@@ -93,6 +95,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_rng(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's (every device's) global generators from one 64-bit seed."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def new_rank_seed(seed: int, rank: int, step: int) -> int:
+    """The global generators' seed of a rank that the saved run did not have (a grown allocation):
+    its own stream, reproducible from the run seed, the rank and the step it starts at."""
+    return seed_key(seed, rank, step, NEW_RANK_TAG)
 
 
 def signature(cfg: Config, world_size: int) -> dict[str, Any]:
@@ -166,9 +181,10 @@ def saved_world_size(meta: dict[str, Any], default: int) -> int:
 
 def source_rank(rank: int, saved_world: int) -> int:
     """The saved rank whose per-rank state (teacher, BN buffers, RNG) a rank takes on another allocation:
-    its own where it existed, else rank mod saved ranks. Teacher and student weights are equal on all
-    ranks; their BN buffers are per rank (teacher_bn=own) or equal (average): either way a rank continues
-    from the statistics of a rank that saw the same kind of data."""
+    its own where it existed, else rank mod saved ranks (but not that rank's RNG: new_rank_seed).
+    Teacher and student weights are equal on all ranks; their BN buffers are per rank (teacher_bn=own)
+    or equal (average): either way a rank continues from the statistics of a rank that saw the same
+    kind of data."""
     return rank if rank < saved_world else rank % saved_world
 
 

@@ -221,14 +221,18 @@ def resume(
     if moved:
         log.info("resuming %s on another allocation: %s; global batch and schedule unchanged", folder, moved)
     load_checkpoint(engine, str(folder.parent), folder.name, saved_world, optimizer=exact)
-    rank_state = checkpoint.load_rank_state(folder, checkpoint.source_rank(env.rank, saved_world))
+    source = checkpoint.source_rank(env.rank, saved_world)
+    rank_state = checkpoint.load_rank_state(folder, source)
     if teacher is not None:
         teacher.load_state_dict(rank_state["teacher"])
     # DeepSpeed restored rank 0's module on every rank; BN statistics are per rank
     engine.module.load_state_dict(rank_state["student_buffers"], strict=False)
-    checkpoint.set_rng_state(rank_state["rng"])
     state = TrainState()
     state.load_state_dict(meta["train_state"])
+    if source == env.rank:
+        checkpoint.set_rng_state(rank_state["rng"])
+    else:  # a rank the saved run lacked: rank `source`'s generators would repeat its dropout masks
+        checkpoint.seed_rng(checkpoint.new_rank_seed(cfg.seed, env.rank, state.step))
     log.info("resumed from %s at step %d", folder, state.step)
     if moved:
         return state, checkpoint.moved_position(meta, env.rank, env.world_size)

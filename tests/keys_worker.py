@@ -2,16 +2,19 @@
 recording the keys of every batch each rank trained on.
 
 Writes <out>/keys-rank<r>.json: {"steps", "teacher_updates", "batches": [[key, ...] per micro-batch],
-"labels": [[label, ...] per micro-batch]}.
+"labels": [[label, ...] per micro-batch], "rng": a digest of torch's global generator after the start
+(what dropout draws from)}.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 import torch.distributed as torch_dist
 
 from mtdist.cli import _setup_logging
@@ -38,6 +41,7 @@ class RecordingBatches(Iterator[tuple]):
 def main(config: str, out: str, overrides: list[str]) -> None:
     _setup_logging()  # as `mtdist train` does: rank 0's resume line (what changed) reaches the output
     run = build_run(load_config(config, overrides))
+    rng = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
     run.train_batches = recorder = RecordingBatches(run.train_batches)
     train_loop(run)
     rank = torch_dist.get_rank()
@@ -46,6 +50,7 @@ def main(config: str, out: str, overrides: list[str]) -> None:
         "teacher_updates": run.teacher.updates,
         "batches": recorder.keys,
         "labels": recorder.labels,
+        "rng": rng,
     }
     (Path(out) / f"keys-rank{rank}.json").write_text(json.dumps(record))
     torch_dist.destroy_process_group()

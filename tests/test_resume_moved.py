@@ -101,8 +101,11 @@ def test_a_mid_epoch_checkpoint_resumes_on_another_allocation(
 ):
     source, whole = uninterrupted
     run_dir = _moved_from(source, tmp_path / "moved")
-    moved = _global_steps(_train(mnist_shards, run_dir, ranks, workers))
+    records = _train(mnist_shards, run_dir, ranks, workers)
+    moved = _global_steps(records)
     assert len(whole) == STEPS and moved == whole[MOVE_AT:]
+    # every rank its own dropout stream: a rank the saved run lacked does not copy another's generator
+    assert len({r["rng"] for r in records}) == ranks
     epoch = [key for _, unl in whole[:MOVE_AT] + moved for key in unl]
     assert len(epoch) == len(set(epoch)) == 240  # the epoch sees each unlabeled key once
     log = (run_dir / "log.txt").read_text()
