@@ -12,16 +12,17 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import submitit
-from submitit.core.utils import UncompletedJobError
+from submitit.core.utils import JobPaths, UncompletedJobError
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from mtdist import failures
 from mtdist.config import Config
+from mtdist.launch.submit import tasks_per_node
 
 log = logging.getLogger("mtdist")
 # slurmctld answers in well under a second; a controller that does not answer in this long (a failover)
@@ -62,7 +63,11 @@ def export_dist_env(environ: MutableMapping[str, str] | None = None) -> dict[str
 
 def attempt_of(job: Any) -> str:
     """This run of the job: its id and how often Slurm restarted it (failure records are kept per run)."""
-    return f"{job.job_id}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    return attempt_of_job(str(job.job_id))
+
+
+def attempt_of_job(job_id: str, environ: Mapping[str, str] = os.environ) -> str:
+    return f"{job_id}.{environ.get('SLURM_RESTART_COUNT', '0')}"
 
 
 def with_resume(cfg: Config) -> Config:
@@ -125,7 +130,8 @@ class TrainJob(Checkpointable):
     rank's watchdog ends; a rank killed outright, whose peers' collectives then fail) goes to recover():
     the job is requeued up to cluster.max_failures times and resumes from its latest complete
     checkpoint, unless mtdist.failures rules a restart out (a config error, a non-finite loss, the same
-    step failing twice).
+    step failing twice). Where no task is left to decide (the only task killed, every task killed at
+    once), the batch script's lines after srun do (after_srun).
     """
 
     def __init__(self, cfg: Config) -> None:
@@ -169,3 +175,37 @@ class TrainJob(Checkpointable):
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
         """Called by submitit on rank 0 before it requeues: the restarted job resumes the run folder."""
         return DelayedSubmission(TrainJob(with_resume(self.cfg)))
+
+
+# ---------------------------------------------------------------- after srun, in the batch script
+
+
+def after_srun(status: int, folder: Path, environ: Mapping[str, str] = os.environ) -> bool:
+    """submitit's batch script, after srun ended with `status` (its teardown, launch.submit): decide for an
+    attempt that no task decided for, and requeue if the decision says so. True if this requeued the job.
+
+    A task that fails decides in TrainJob.recover, and a peer does it for a task killed outright. No task
+    is left to decide when the only task is killed (a one-task job, an OOM kill), when every task is
+    killed at once, or when srun --wait kills a survivor still waiting on its lost peer (NCCL may wait).
+    Only statuses of a killed or crashed step count here (failures.killed_outright): other endings are a
+    success, a stop for a signal or a failure a task saw, and those are decided (or not) in the tasks.
+    """
+    job_id = environ["SLURM_JOB_ID"]
+    pickle = JobPaths(folder, job_id=job_id).submitted_pickle
+    cfg = DelayedSubmission.load(pickle).function.cfg
+    run_dir, attempt = Path(cfg.logging.run_dir), attempt_of_job(job_id, environ)
+    if not failures.killed_outright(status) or failures.ended_by_signal(run_dir, attempt):
+        return False
+    world_size = cfg.cluster.nodes * tasks_per_node(cfg.cluster)
+    decision, mine = failures.settle(run_dir, attempt, world_size, cfg.cluster.max_failures, 0.0, status)
+    if not mine:  # a task decided (and acted) already
+        return False
+    print(f"mtdist: job {job_id} failed: {decision.cause}; {decision.action}", flush=True)
+    if decision.requeue:
+        resume_when_restarted(pickle, cfg)
+        return requeue(job_id)
+    return False
+
+
+if __name__ == "__main__":  # the batch script's teardown line: python -m mtdist.launch.job STATUS FOLDER
+    after_srun(int(sys.argv[1]), Path(sys.argv[2]))

@@ -99,6 +99,7 @@ def slurm_parameters(cfg: Config) -> dict[str, Any]:
         "signal_delay_s": c.signal_delay_s,  # time to finish the step and checkpoint before the limit
         "setup": [*JOB_SETUP, *c.setup],
         "srun_args": SRUN_ARGS,
+        "teardown": after_srun_lines(log_folder(cfg)),
         "additional_parameters": _additional(c.sbatch_extra),
     }
     optional = {  # --gpus-per-node only when GPUs are asked for: Slurm rejects it on nodes without GRES
@@ -111,6 +112,19 @@ def slurm_parameters(cfg: Config) -> dict[str, Any]:
         "exclusive": c.exclusive,
     }
     return params | {k: v for k, v in optional.items() if v}
+
+
+def after_srun_lines(folder: Path) -> list[str]:
+    """The batch script's lines after srun: a step that failed without a task deciding (a one-task job
+    killed outright, every task killed at once) is decided and requeued there (launch.job.after_srun);
+    the script still ends with srun's status, so Slurm records the failure."""
+    python, logs = shlex.quote(sys.executable), shlex.quote(str(folder))
+    after = f'{python} -u -m mtdist.launch.job "$mtdist_status" {logs}'
+    return [
+        "mtdist_status=$?",
+        f'if [ "$mtdist_status" -ne 0 ]; then {after}; fi',
+        'exit "$mtdist_status"',
+    ]
 
 
 def _additional(extra: dict[str, str]) -> dict[str, Any]:

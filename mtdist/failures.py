@@ -33,6 +33,13 @@ CONFIG_ERROR_EXIT_CODE = 2  # mtdist.cli: a config error, before training starte
 # The record kinds, most telling first: the cause of a failure is its most telling record.
 KINDS = ("fatal", "hang", "exception", "collective")
 COLLECTIVE_ERROR_WORDS = ("gloo/transport", "NCCL", "ProcessGroup", "Connection closed by peer")
+# An attempt's folder holds this once a rank stopped for a stop signal (after its checkpoint): the tasks'
+# exit statuses then are no failure (see ended_by_signal).
+STOPPED_FILE = "stopped-for-signal"
+# Signals that end a task without a record: SIGKILL (the OOM killer, srun --wait) and the crashes SIGILL,
+# SIGABRT, SIGBUS, SIGFPE, SIGSEGV. srun's status for such a task is 128 + the signal. SIGTERM, SIGINT
+# and SIGHUP are left out: they are someone's stop (scancel of the step), not a failure to restart from.
+KILLED_SIGNALS = (9, 4, 6, 7, 8, 11)
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,26 @@ def attempt_id(environ: Mapping[str, str] | None = None) -> str:
 
 def attempt_dir(run_dir: Path, attempt: str) -> Path:
     return Path(run_dir) / "failures" / f"attempt-{attempt}"
+
+
+def mark_stopped(run_dir: Path, environ: Mapping[str, str] | None = None) -> None:
+    """Note in the attempt's folder that a rank ended it for a stop signal (a preemption, the time limit).
+    Only under a launcher (ATTEMPT_ENV set): a run started by hand has no batch script to read it."""
+    environ = os.environ if environ is None else environ
+    if ATTEMPT_ENV not in environ:
+        return
+    folder = attempt_dir(run_dir, attempt_id(environ))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / STOPPED_FILE).touch()
+
+
+def ended_by_signal(run_dir: Path, attempt: str) -> bool:
+    return (attempt_dir(run_dir, attempt) / STOPPED_FILE).is_file()
+
+
+def killed_outright(status: int) -> bool:
+    """srun's exit status of a step whose worst task was killed (SIGKILL) or crashed: it left no record."""
+    return status - 128 in KILLED_SIGNALS
 
 
 def classify(exc: BaseException) -> str:

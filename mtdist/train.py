@@ -445,6 +445,7 @@ def train_loop(run: Run, stop: StopSignal | None = None) -> None:
         run.watchdog.beat("stop-signal check (all_reduce)", done)
         if stop is not None and stop.requested(run.device):
             save_checkpoint(run)
+            failures.mark_stopped(run.run_dir)  # the batch script must not read this end as a failure
             bar.close()
             stop.hand_over()  # raises Preempted (or submitit requeues and exits)
         if new_best or (cfg.checkpoint.interval_steps and done % cfg.checkpoint.interval_steps == 0):

@@ -96,7 +96,7 @@ def _without_timings(row: dict) -> dict:
 
 
 def job_id_of(stdout: str) -> str:
-    match = re.search(r"^submitted job (\d+): 2 node\(s\)", stdout, re.M)
+    match = re.search(r"^submitted job (\d+): \d node\(s\)", stdout, re.M)
     assert match, stdout
     return match.group(1)
 
@@ -333,6 +333,7 @@ FAULTS = {
     "hang": ("submit", f"hang:1:{FAULT_STEP}:once"),
     "repeat": ("submit", f"raise:1:{FAULT_STEP}"),
     "sbatch_kill": ("sbatch", f"kill:1:{FAULT_STEP}:once"),
+    "single_kill": ("submit_one_task", f"kill:0:{FAULT_STEP}:once"),
 }
 
 
@@ -357,16 +358,17 @@ def fault_overrides(shards: dict[str, str], run_dir: Path, name: str) -> list[st
 def submit_fault_job(name: str, folder: Path, shards: dict[str, str], cluster: SlurmCluster) -> FaultJob:
     launcher, fault = FAULTS[name]
     run_dir, env = folder / "run", cluster.env | {TEST_FAULT_ENV: fault}
-    if launcher == "submit":
+    if launcher.startswith("submit"):
+        nodes = 1 if launcher == "submit_one_task" else 2
         cmd = [sys.executable, "-m", "mtdist", "submit", "--config", str(TINY)]
-        cmd += [*fault_overrides(shards, run_dir, name), *cluster_overrides(1)]
+        cmd += [*fault_overrides(shards, run_dir, name), *cluster_overrides(1, nodes=nodes)]
     else:
         cmd = ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10"]
         cmd += ["--gpus-per-node=0", f"--output={folder}/%j.out", "slurm/train.sbatch", str(TINY)]
         cmd += fault_overrides(shards, run_dir, name)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=JOB_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr
-    if launcher == "submit":
+    if launcher.startswith("submit"):
         job_id = job_id_of(proc.stdout)
         return FaultJob(job_id, run_dir, run_dir / "slurm" / f"{job_id}_0_log.err")
     job_id = proc.stdout.strip()
@@ -440,6 +442,24 @@ def test_submitit_job_requeues_itself_after_a_rank_hangs(slurm_cluster, fault_jo
     assert f"rank 1 (hang at step {FAULT_STEP}" in decision["cause"], decision
     stacks = (job.run_dir / "hang-rank00001.txt").read_text()
     assert "in _hang_for_the_test" in stacks and "in train_loop" in stacks
+
+
+def test_a_one_task_submitit_job_requeues_itself_after_its_task_is_killed(slurm_cluster, fault_jobs):
+    """The only task is SIGKILLed between two checkpoints: no peer sees it go, so the batch script's
+    lines after srun (launch.job.after_srun) decide and requeue; the restarted job resumes from the
+    checkpoint of step 4 and repeats steps 5-6 bitwise."""
+    job = fault_jobs["single_kill"]
+    state = slurm_cluster.wait(job.job_id, JOB_TIMEOUT_S)
+    assert state == "COMPLETED", job.log.read_text()[-6000:] if job.log.is_file() else state
+    assert slurm_cluster.states(job.job_id) == ["REQUEUED", "COMPLETED"]
+    (decision,) = decisions(job.run_dir)
+    assert decision["requeue"] and decision["step"] == -1, decision  # no rank was left to say which step
+    assert decision["attempt"] == f"{job.job_id}.0"
+    assert decision["cause"].startswith("rank(s) 0 left no record") and "exit status 137" in decision["cause"]
+    out = (job.run_dir / "slurm" / f"{job.job_id}_0_log.out").read_text()
+    assert f"mtdist: job {job.job_id} failed: {decision['cause']}; requeued (failure 1 of at most 3)" in out
+    assert "resumed from " in job.log.read_text() and checkpoint_tag(4) in job.log.read_text()
+    check_trained(job.run_dir, world_size=1, max_steps=SIGNAL_STEPS, redone=(FAULT_STEP,))
 
 
 def test_a_failure_at_the_same_step_twice_ends_the_job(slurm_cluster, fault_jobs):

@@ -74,11 +74,18 @@ def test_dry_run_prints_the_sbatch_script_of_the_cluster_section(tmp_path, capsy
     ]
     setup = script.split("# setup\n")[1].split("\n\n")[0].splitlines()
     assert setup == [*submit.JOB_SETUP, "module load cuda/12.4"]
-    command = script.split("# command\n")[1].strip().splitlines()
-    assert command[-1] == (
+    command, teardown = script.split("# command\n")[1].split("# teardown\n")
+    assert command.strip().splitlines()[-1] == (
         f"srun --unbuffered --output {logs}/%j_%t_log.out --error {logs}/%j_%t_log.err --wait=60 "
         f"{sys.executable} -u -m submitit.core._submit {logs}"
     )
+    # after srun: a failed step no task decided for is decided there; the script keeps srun's status
+    assert teardown.strip().splitlines() == [
+        "mtdist_status=$?",
+        f'if [ "$mtdist_status" -ne 0 ]; then {sys.executable} -u -m mtdist.launch.job "$mtdist_status" '
+        f"{logs}; fi",
+        'exit "$mtdist_status"',
+    ]
 
 
 def test_signal_delay_before_the_time_limit_comes_from_the_cluster_section(tmp_path, capsys):
@@ -248,3 +255,41 @@ def test_a_requeue_that_fails_hangs_or_has_no_scontrol_is_logged_not_raised(tmp_
     assert any("timed out after 0.5 seconds" in m for m in messages)
     assert any("presently disabled" in m for m in messages)
     assert any("No such file" in m for m in messages)
+
+
+def test_after_srun_decides_only_for_a_step_killed_without_a_decision(tmp_path, monkeypatch):
+    """launch.job.after_srun (the batch script's teardown): requeues a killed step that no task decided for
+    (the real one-task kill is in test_slurm.py); leaves alone a success, a failure a task saw (status 1),
+    a scancel of the step (SIGTERM, 143), a stop for a signal, and an attempt a task already decided."""
+    from submitit.core.utils import JobPaths
+    from submitit.helpers import DelayedSubmission
+
+    from mtdist import failures
+    from mtdist.launch.job import after_srun
+
+    cfg = load_config(
+        TINY, [f"logging.run_dir={tmp_path / 'run'}", "cluster.nodes=1", "checkpoint.resume=never"]
+    )
+    folder, run_dir = tmp_path / "slurm", tmp_path / "run"
+    folder.mkdir()
+    DelayedSubmission(TrainJob(cfg)).dump(JobPaths(folder, job_id="42").submitted_pickle)
+    calls = tmp_path / "scontrol-calls"
+    fake = tmp_path / "bin" / "scontrol"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+
+    def after(status: int, restart: int) -> bool:
+        return after_srun(status, folder, {"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": str(restart)})
+
+    assert not any(after(status, 0) for status in (0, 1, 143, 255))  # not a kill
+    failures.mark_stopped(run_dir, {failures.ATTEMPT_ENV: "42.1"})
+    assert not after(137, 1)  # killed after the loop stopped for a signal: a requeue already
+    assert after(137, 2)  # killed outright, no task left: decided here and requeued
+    assert not after(139, 2)  # the same attempt again: decided once
+    (decision,) = failures.decisions(run_dir)
+    assert decision["attempt"] == "42.2" and decision["requeue"] and "exit status 137" in decision["cause"]
+    assert calls.read_text() == "requeue 42\n"
+    resumed = DelayedSubmission.load(JobPaths(folder, job_id="42").submitted_pickle).function.cfg
+    assert resumed.checkpoint.resume == "auto"  # the restarted job continues the run folder
