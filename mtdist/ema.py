@@ -86,7 +86,7 @@ class Teacher:
         would go unnoticed; neither mtdist nor DeepSpeed (ZeRO 0-2) does that.
         """
         if self._student is None or not self._student.still_describes(student):
-            self._student = _StudentParams.of(student)
+            self._student = _StudentParams.of(student, self._params)
         source = self._student.flat if self._student.flat is not None else self._student.params
         if isinstance(source, list) and source[0].dtype != torch.float32:  # a half student: average in fp32
             return [p.float() for p in source]
@@ -147,10 +147,14 @@ class _StudentParams:
     flat: torch.Tensor | None  # the fp32 buffer they tile, when they do
 
     @classmethod
-    def of(cls, student: nn.Module) -> _StudentParams:
+    def of(cls, student: nn.Module, teacher_params: list[torch.Tensor]) -> _StudentParams:
+        """The flat buffer is used only where every tensor has the teacher's layout: ZeRO 1/2 re-point
+        the student into DeepSpeed's own NCHW buffer, and a channels_last teacher's conv weights lie in
+        another element order, where one lerp_ of the two buffers would mix unrelated weights."""
         params = list(student.parameters())
         flat = flat_view([p.detach() for p in params])
-        flat = flat if flat is not None and flat.dtype == torch.float32 else None
+        same_layout = all(p.stride() == t.stride() for p, t in zip(params, teacher_params, strict=True))
+        flat = flat if flat is not None and flat.dtype == torch.float32 and same_layout else None
         return cls(student, params, [p.data_ptr() for p in params], flat)
 
     def still_describes(self, student: nn.Module) -> bool:

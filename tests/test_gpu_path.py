@@ -49,6 +49,23 @@ def test_teacher_update_reaches_channels_last_weights():
     assert teacher.module.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_teacher_update_of_a_student_in_another_memory_layout():
+    """ZeRO 1/2 re-point the student's weights into DeepSpeed's own flat NCHW buffer while the teacher's
+    stay channels_last: the two flat buffers order conv weights differently, so the update must pair the
+    tensors, not the buffers (one lerp_ of the buffers was off by up to ~3 on this model)."""
+    student, teacher_module = build_model("resnet18", 10, width=4, small_input=True), channels_last_model(1)
+    flatten_parameters_(student)  # one flat NCHW buffer, as DeepSpeed's ZeRO 1/2 leave the student
+    assert flat_view([p.detach() for p in student.parameters()]) is not None
+    expected = {
+        k: torch.lerp(t.detach(), s.detach(), 0.5)
+        for (k, t), s in zip(teacher_module.named_parameters(), student.parameters(), strict=True)
+    }
+    teacher = Teacher(teacher_module, decay=0.99, autocast_dtype=None)
+    assert teacher.update(student) == 0.5
+    for k, t in teacher.module.named_parameters():
+        assert torch.allclose(t, expected[k], atol=1e-6), k
+
+
 def test_teacher_refuses_a_module_moved_after_it_was_built():
     """A .to() after Teacher() would leave the EMA updating a buffer the forward no longer reads."""
     student = build_model("resnet18", 10, width=4, small_input=True)
