@@ -7,6 +7,7 @@ optimizer step and saves both in its checkpoints.
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import logging
 from typing import Any
@@ -89,6 +90,7 @@ def lr_factor(cfg: Config, plan: Plan, step: int) -> float:
 # it for ever. The op only speeds up DeepSpeed's inference all-reduce, which training never calls, so
 # mtdist does not build it: no extension is built at start-up, and no such lock can stop a start.
 UNUSED_OPS = ("deepspeed_shm_comm",)
+SHM_COMM_BUILDER = "ShareMemCommBuilder"  # its builder, which DeepSpeed's comm layer asks its accelerator for
 
 
 def init_distributed(backend: str) -> None:
@@ -98,16 +100,31 @@ def init_distributed(backend: str) -> None:
 
 
 def skip_unused_ops() -> None:
-    """Mark UNUSED_OPS incompatible, so DeepSpeed neither builds nor loads them (it asks this table)."""
+    """Mark UNUSED_OPS incompatible, so DeepSpeed neither builds nor loads them (it asks this table).
+
+    Only where DeepSpeed's accelerator has the op (the CPU): on CUDA nothing would build it, and the
+    table's first read probes every op DeepSpeed has (compiler runs, seconds in every process)."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().create_op_builder(SHM_COMM_BUILDER) is None:
+        return
     compatible = deepspeed.ops.__compatible_ops__  # probed once per process, then cached by DeepSpeed
     for name in UNUSED_OPS:
         compatible[name] = False
+
+
+def engine_args(device: torch.device) -> argparse.Namespace | None:
+    """deepspeed.initialize's `args`: the GPU the student is on. Unless told, DeepSpeed sets the device to
+    cuda:LOCAL_RANK, which does not exist where Slurm gives each task one GPU (--gpus-per-task=1,
+    --gpu-bind: that GPU is cuda:0 on every rank, as dist.pick_device found)."""
+    return argparse.Namespace(device_rank=device.index) if device.type == "cuda" else None
 
 
 def build_engine(cfg: Config, student: nn.Module, plan: Plan) -> Any:
     optimizer = build_optimizer(cfg, student)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, plan, step))
     engine, _, _, _ = deepspeed.initialize(
+        args=engine_args(next(student.parameters()).device),
         model=student,
         optimizer=optimizer,
         lr_scheduler=scheduler,

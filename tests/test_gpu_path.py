@@ -130,3 +130,13 @@ def test_real_engine_wiring_compile_autocast_single_rank():
         "self_allreduce": False,
         "clip": 0.0,
     }
+
+
+def test_deepspeed_is_told_the_gpu_the_student_is_on():
+    """DeepSpeed would otherwise set cuda:LOCAL_RANK, which does not exist where Slurm gives each task one
+    GPU (--gpus-per-task=1: cuda:0 on every rank, as dist.pick_device chose)."""
+    from mtdist.engine import engine_args
+
+    assert engine_args(torch.device("cuda", 0)).device_rank == 0
+    assert engine_args(torch.device("cuda", 3)).device_rank == 3
+    assert engine_args(torch.device("cpu")) is None  # DeepSpeed's CPU accelerator: as before
