@@ -298,7 +298,11 @@ def deepspeed_config(cfg: Config, micro_batch_per_gpu: int, batch_size: int = 0)
         "wall_clock_breakdown": False,
     }
     if ds.bf16 or ds.fp16:
-        out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if ds.bf16 else "float16"}
+        # Gradients are all-reduced in fp32 at every ZeRO stage: DeepSpeed's default list of "lower
+        # precision safe" modules (Linear, Conv) has ZeRO 1/2 reduce theirs in the autocast dtype, 8 bits
+        # of mantissa summed over up to 128 ranks, where stage 0 reduces in fp32.
+        dtype = "bfloat16" if ds.bf16 else "float16"
+        out["torch_autocast"] = {"enabled": True, "dtype": dtype, "lower_precision_safe_modules": []}
     # always explicit: DeepSpeed's default is 1.0, which clipped every run whose config said "off"
     out["gradient_clipping"] = cfg.optim.grad_clip
     return out

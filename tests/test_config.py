@@ -121,7 +121,7 @@ def test_flagship_dry_run_prints_the_recipe():
     assert (d["steps_per_epoch"], d["total_steps"]) == (5765, 345900)
     assert (d["world_size"], d["micro_batch_per_gpu"], d["labeled_per_gpu"]) == (8, 50, 25)
     assert ds["train_batch_size"] == 400 and ds["train_micro_batch_size_per_gpu"] == 50
-    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     assert ds["zero_optimization"] == {"stage": 0}
 
 

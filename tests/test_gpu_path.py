@@ -110,6 +110,7 @@ print(json.dumps({{
     "teacher_dtype": str(teacher.autocast_dtype),
     "self_allreduce": engine.enable_backward_allreduce,
     "clip": engine.gradient_clipping(),
+    "low_precision_comm": any(hasattr(p, "comm_dtype") for p in engine.module.parameters()),
 }}))
 """
 
@@ -129,6 +130,7 @@ def test_real_engine_wiring_compile_autocast_single_rank():
         "teacher_dtype": "torch.bfloat16",
         "self_allreduce": False,
         "clip": 0.0,
+        "low_precision_comm": False,  # grads all-reduced in fp32 at every ZeRO stage (plan.deepspeed_config)
     }
 
 
