@@ -124,14 +124,19 @@ def child_env(profile: Profile) -> dict[str, str]:
     return env
 
 
-def python(args: list[str], profile: Profile, timeout: float, **env: str) -> subprocess.CompletedProcess:
-    return run_group([sys.executable, *args], child_env(profile) | env, timeout)
+def python(
+    args: list[str], profile: Profile, timeout: float, log: Path | None = None, **env: str
+) -> subprocess.CompletedProcess:
+    return run_group([sys.executable, *args], child_env(profile) | env, timeout, log)
 
 
-def run_group(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    """subprocess.run in a session of its own, whose every process is killed at the end: a timeout would
+def run_group(
+    cmd: list[str], env: dict[str, str], timeout: float, log: Path | None = None
+) -> subprocess.CompletedProcess:
+    """subprocess.run in a process group of its own, all of which is killed at the end: a timeout would
     otherwise kill only `cmd`, leaving what it started (pytest's children, torch.compile's workers) on
-    the GPU through the next checks, their timings skewed or timed out too."""
+    the GPU through the next checks, their timings skewed or timed out too. The output goes to `log`
+    too, also when the command timed out."""
     with subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
@@ -140,11 +145,27 @@ def run_group(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess
             out, err = proc.communicate(timeout=max(timeout, 1.0))
         except subprocess.TimeoutExpired:
             kill_group(proc.pid)
-            out, err = proc.communicate()
+            out, err = _rest_of_output(proc)
+            _write_log(log, out, err)
             raise CheckFailed(f"timed out after {timeout:.0f} s: {tail(out + err)}") from None
         finally:
             kill_group(proc.pid)  # what outlived the command
+    _write_log(log, out, err)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _rest_of_output(proc: subprocess.Popen) -> tuple[str, str]:
+    """What a killed command wrote; a process that left the group (its own session) may still hold the
+    pipes open: give up on it after a few seconds."""
+    try:
+        return proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        return "", "(the output was lost: a process outside the command's group kept its pipes open)"
+
+
+def _write_log(log: Path | None, out: str, err: str) -> None:
+    if log is not None:
+        log.write_text(out + err)
 
 
 def kill_group(pgid: int) -> None:
@@ -160,9 +181,10 @@ def tail(proc: subprocess.CompletedProcess | str, chars: int = 400) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- 1. tests
-def check_tests(profile: Profile) -> tuple[str, dict]:
+def check_tests(profile: Profile, work: Path) -> tuple[str, dict]:
     args = ["-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", *CUDA_TEST_FILES]
-    proc = python(args, profile, profile.timeouts_s["tests"], MTDIST_TEST_DEVICE=profile.device)
+    log = work / "tests.log"
+    proc = python(args, profile, profile.timeouts_s["tests"], log, MTDIST_TEST_DEVICE=profile.device)
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error|errors)", proc.stdout)}
     summary = ", ".join(f"{n} {k}" for k, n in counts.items()) or "no summary"
     expect(
@@ -253,7 +275,7 @@ def check_train(profile: Profile, work: Path) -> tuple[str, dict]:
         ["-m", "mtdist", "make-shards", "--src", str(src), "--out", str(shards),
          "--labels-per-class", str(profile.labels_per_class),
          "--samples-per-shard", str(profile.samples_per_shard), "--workers", str(max(1, profile.workers))],
-        profile, deadline - time.monotonic(),
+        profile, deadline - time.monotonic(), work / "make-shards.log",
     )  # fmt: skip
     expect(made.returncode == 0, f"make-shards exit {made.returncode}: {tail(made)}")
     cmd = [
@@ -294,8 +316,7 @@ def check_train(profile: Profile, work: Path) -> tuple[str, dict]:
     )
 
     # attempt 2: the same command resumes from the latest complete checkpoint
-    second = run_group(cmd, child_env(profile), deadline - time.monotonic())
-    (work / "train-attempt2.log").write_text(second.stdout + second.stderr)
+    second = run_group(cmd, child_env(profile), deadline - time.monotonic(), work / "train-attempt2.log")
     expect(second.returncode == 0, f"attempt 2 exit {second.returncode}: {tail(second)}")
     expect(f"at step {resume}" in second.stderr, f"attempt 2 did not say it resumed at step {resume}")
 
@@ -342,8 +363,7 @@ def check_bench(profile: Profile, work: Path, batch: int) -> tuple[str, dict]:
     out = work / f"gpu_step-batch{batch}.json"
     out.unlink(missing_ok=True)
     args = ["-m", "benchmarks.gpu_step", *profile.bench_args, "--batch", str(batch), "--json", str(out)]
-    proc = python(args, profile, profile.timeouts_s["bench"])
-    (work / f"gpu_step-batch{batch}.log").write_text(proc.stdout + proc.stderr)
+    proc = python(args, profile, profile.timeouts_s["bench"], work / f"gpu_step-batch{batch}.log")
     expect(proc.returncode == 0 and out.is_file(), f"gpu_step exit {proc.returncode}: {tail(proc)}")
     res = json.loads(out.read_text())
     mt, sup, ratio = res["mean_teacher"], res["supervised"], res["ratios"][0]
@@ -427,10 +447,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     args.work.mkdir(parents=True, exist_ok=True)
+    for stale in args.work.glob("*.log"):  # an earlier run's logs would pass for this one's
+        stale.unlink()
     start = time.perf_counter()
     env = environment(profile)
     rows = [
-        timed("CUDA-marked tests" + (" (on CPU)" if args.cpu else ""), lambda: check_tests(profile)),
+        timed(
+            "CUDA-marked tests" + (" (on CPU)" if args.cpu else ""), lambda: check_tests(profile, args.work)
+        ),
         timed(
             f"mtdist train {profile.train_steps} steps, kill, resume",
             lambda: check_train(profile, args.work),

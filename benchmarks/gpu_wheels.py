@@ -3,7 +3,7 @@
 The GPU machine we can reach has no package registry: Python 3.12 with torch, numpy, pillow, pyyaml,
 tqdm, matplotlib, safetensors, pytest, opencv-python-headless (and deepspeed's small needs: einops,
 msgpack, ninja, psutil, py-cpuinfo, nvidia-ml-py, packaging), but not deepspeed, webdataset, submitit,
-wandb, simplejpeg, mlxtend or pydantic (/work/.library/device/KINDS.md). opencv is not carried: its
+wandb, simplejpeg, mlxtend or pydantic (the device tool's KINDS.md). opencv is not carried: its
 wheel alone is ~54 MiB of the device tool's 64; gpu_check names the image's version in its table.
 This downloads each missing one, at the version installed here (so the GPU runs
 what the tests here ran), as a cp312 manylinux wheel, or builds a pure-Python sdist into a wheel

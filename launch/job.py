@@ -169,7 +169,8 @@ class TrainJob(Checkpointable):
             log.error("job %s failed: %s; %s", job.job_id, decision.cause, decision.action)
         if mine and decision.requeue:
             resume_when_restarted(job.paths.submitted_pickle, self.cfg)
-            requeue(str(job.job_id))
+            if requeue(str(job.job_id)):
+                failures.mark(run_dir, attempt_of(job), failures.REQUEUED_FILE)
         return decision.requeue
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
@@ -190,21 +191,26 @@ def after_srun(status: int, folder: Path, environ: Mapping[str, str] = os.enviro
     Only statuses of a killed or crashed step count here (failures.killed_outright): other endings are a
     success, a stop for a signal or a failure a task saw, and those are decided (or not) in the tasks.
     """
+    if not failures.killed_outright(status):
+        return False
     job_id = environ["SLURM_JOB_ID"]
     pickle = JobPaths(folder, job_id=job_id).submitted_pickle
     cfg = DelayedSubmission.load(pickle).function.cfg
     run_dir, attempt = Path(cfg.logging.run_dir), attempt_of_job(job_id, environ)
-    if not failures.killed_outright(status) or failures.ended_by_signal(run_dir, attempt):
+    if failures.marked(run_dir, attempt, failures.ENDED_FILE):  # completed, or stopped for a signal
         return False
     world_size = cfg.cluster.nodes * tasks_per_node(cfg.cluster)
     decision, mine = failures.settle(run_dir, attempt, world_size, cfg.cluster.max_failures, 0.0, status)
-    if not mine:  # a task decided (and acted) already
+    if mine:
+        print(f"mtdist: job {job_id} failed: {decision.cause}; {decision.action}", flush=True)
+    # a task that decided to requeue may have been killed (srun --wait) before its scontrol, or that failed
+    if not decision.requeue or failures.marked(run_dir, attempt, failures.REQUEUED_FILE):
         return False
-    print(f"mtdist: job {job_id} failed: {decision.cause}; {decision.action}", flush=True)
-    if decision.requeue:
-        resume_when_restarted(pickle, cfg)
-        return requeue(job_id)
-    return False
+    resume_when_restarted(pickle, cfg)
+    requeued = requeue(job_id)
+    if requeued:
+        failures.mark(run_dir, attempt, failures.REQUEUED_FILE)
+    return requeued
 
 
 if __name__ == "__main__":  # the batch script's teardown line: python -m mtdist.launch.job STATUS FOLDER

@@ -37,7 +37,7 @@ from mtdist.plan import global_batches
 
 LATEST = "latest"
 BEST = "best"
-NEW_RANK_TAG = 2  # seed_key entropy tag of new_rank_seed (the data streams use 0 and 1)
+NEW_RANK_TAG = 0x4E455752  # new_rank_seed's seed_key tag ("NEWR"): apart from the data streams' small tags
 # Tests only (tests/test_resume.py): "N" makes every rank block inside the save of step N, after
 # writing its files into the temporary folder, until it is killed: a kill during a save, made exact.
 HANG_IN_SAVE_ENV = "MTDIST_TEST_HANG_IN_SAVE"

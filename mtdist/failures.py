@@ -24,8 +24,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ATTEMPT_ENV = "MTDIST_ATTEMPT"
-# Tests only: "KIND:RANK:STEP" (KIND kill | raise | hang) makes that rank fail at that step, in every
-# attempt; "KIND:RANK:STEP:once" only until it fired once in the run folder.
+# Tests only: "KIND:RANK:STEP" (KIND kill | raise | hang | await_signal; RANK * for every rank) makes that
+# rank fail (or wait for a stop signal) at that step, in every attempt; "KIND:RANK:STEP:once" only until
+# it fired once in the run folder.
 TEST_FAULT_ENV = "MTDIST_TEST_FAULT"
 # EX_DATAERR: the input (config, data, hyperparameters) is at fault; a restart would fail the same way.
 FATAL_EXIT_CODE = 65
@@ -33,12 +34,14 @@ CONFIG_ERROR_EXIT_CODE = 2  # mtdist.cli: a config error, before training starte
 # The record kinds, most telling first: the cause of a failure is its most telling record.
 KINDS = ("fatal", "hang", "exception", "collective")
 COLLECTIVE_ERROR_WORDS = ("gloo/transport", "NCCL", "ProcessGroup", "Connection closed by peer")
-# An attempt's folder holds this once a rank stopped for a stop signal (after its checkpoint): the tasks'
-# exit statuses then are no failure (see ended_by_signal).
-STOPPED_FILE = "stopped-for-signal"
+# Files in an attempt's folder: a rank ended the attempt on purpose (the run completed, or it stopped for a
+# signal after its checkpoint), so a kill after that (srun --wait, a crash in teardown) is no failure; the
+# deciding task's `scontrol requeue` succeeded (see launch.job.after_srun).
+ENDED_FILE, REQUEUED_FILE = "ended", "requeued"
 # Signals that end a task without a record: SIGKILL (the OOM killer, srun --wait) and the crashes SIGILL,
 # SIGABRT, SIGBUS, SIGFPE, SIGSEGV. srun's status for such a task is 128 + the signal. SIGTERM, SIGINT
-# and SIGHUP are left out: they are someone's stop (scancel of the step), not a failure to restart from.
+# and SIGHUP are left out (someone's stop); but a SIGTERM to the step alone that the loop cannot act on
+# in time (in start-up or a save) ends in Slurm's SIGKILL, which reads as a kill.
 KILLED_SIGNALS = (9, 4, 6, 7, 8, 11)
 
 
@@ -75,19 +78,23 @@ def attempt_dir(run_dir: Path, attempt: str) -> Path:
     return Path(run_dir) / "failures" / f"attempt-{attempt}"
 
 
-def mark_stopped(run_dir: Path, environ: Mapping[str, str] | None = None) -> None:
-    """Note in the attempt's folder that a rank ended it for a stop signal (a preemption, the time limit).
-    Only under a launcher (ATTEMPT_ENV set): a run started by hand has no batch script to read it."""
+def mark_ended(run_dir: Path, environ: Mapping[str, str] | None = None) -> None:
+    """Note in the attempt's folder that a rank ended it on purpose: the run completed, or it stopped for a
+    signal (a preemption, the time limit) after its checkpoint. Only under a launcher (ATTEMPT_ENV set):
+    a run started by hand has no batch script to read it."""
     environ = os.environ if environ is None else environ
-    if ATTEMPT_ENV not in environ:
-        return
-    folder = attempt_dir(run_dir, attempt_id(environ))
+    if ATTEMPT_ENV in environ:
+        mark(run_dir, attempt_id(environ), ENDED_FILE)
+
+
+def mark(run_dir: Path, attempt: str, name: str) -> None:
+    folder = attempt_dir(run_dir, attempt)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / STOPPED_FILE).touch()
+    (folder / name).touch()
 
 
-def ended_by_signal(run_dir: Path, attempt: str) -> bool:
-    return (attempt_dir(run_dir, attempt) / STOPPED_FILE).is_file()
+def marked(run_dir: Path, attempt: str, name: str) -> bool:
+    return (attempt_dir(run_dir, attempt) / name).is_file()
 
 
 def killed_outright(status: int) -> bool:
@@ -213,13 +220,14 @@ def settle(
     A later caller gets the decision already made, and False.
     """
     claim = attempt_dir(run_dir, attempt) / "decision.json"
-    if claim.is_file():
-        return Decision(**json.loads(claim.read_text())), False
+    orphaned = claim.is_file() and not (text := _read_when_written(claim))
+    if claim.is_file() and not orphaned:
+        return Decision(**json.loads(text)), False
     records = wait_for_records(run_dir, attempt, world_size, grace_s)
     decision = decide(records, world_size, history(run_dir), max_failures, exit_status)
     claim.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    try:  # a claim its creator never wrote (killed between create and write) is taken over
+        fd = os.open(claim, os.O_WRONLY | os.O_TRUNC if orphaned else os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         text = _read_when_written(claim)
         return (Decision(**json.loads(text)), False) if text else (decision, False)
@@ -245,7 +253,7 @@ def test_fault(run_dir: Path, rank: int, step: int, environ: Mapping[str, str] |
     if not spec:
         return ""
     kind, at_rank, at_step, *once = spec.split(":")
-    if (int(at_rank), int(at_step)) != (rank, step):
+    if int(at_step) != step or at_rank not in ("*", str(rank)):
         return ""
     marker = Path(run_dir) / "failures" / f"test-fault-{kind}-{rank}-{step}"
     if once:

@@ -424,7 +424,7 @@ def train_loop(run: Run, stop: StopSignal | None = None) -> None:
     window = Window()
     for step in range(run.state.step, plan.total_steps):
         run.watchdog.beat("train step (next batch, forward, backward, gradient all_reduce)", step)
-        inject_test_fault(run.run_dir, run.env.rank, step)
+        inject_test_fault(run.run_dir, run.env.rank, step, stop)
         weights = loss_weights(cfg, plan.epoch(step))
         for _ in range(cfg.deepspeed.grad_accum_steps):
             batch = window.next_batch(run.train_batches)
@@ -445,7 +445,7 @@ def train_loop(run: Run, stop: StopSignal | None = None) -> None:
         run.watchdog.beat("stop-signal check (all_reduce)", done)
         if stop is not None and stop.requested(run.device):
             save_checkpoint(run)
-            failures.mark_stopped(run.run_dir)  # the batch script must not read this end as a failure
+            failures.mark_ended(run.run_dir)  # the batch script must not read this end as a failure
             bar.close()
             stop.hand_over()  # raises Preempted (or submitit requeues and exits)
         if new_best or (cfg.checkpoint.interval_steps and done % cfg.checkpoint.interval_steps == 0):
@@ -507,6 +507,7 @@ def main(cfg: Config, on_hang: Callable[[Watchdog], None] | None = None) -> dict
         if run.state.step not in _saved_steps(run):
             save_checkpoint(run)
         results = final_results(run)
+        failures.mark_ended(run.run_dir)  # a kill from here on (srun --wait, in teardown) is no failure
         watchdog.stop()  # done: closing W&B may take its time
         run.metrics.close()
     except Preempted:
@@ -531,8 +532,9 @@ def record_failure(cfg: Config, env: DistEnv, watchdog: Watchdog, kind: str, err
     log.error("rank %d failed: %s (recorded in %s)", env.rank, record.describe(), path)
 
 
-def inject_test_fault(run_dir: Path, rank: int, step: int) -> None:
-    """failures.TEST_FAULT_ENV, for the failure tests only: kill, raise or hang on one rank at a step."""
+def inject_test_fault(run_dir: Path, rank: int, step: int, stop: StopSignal | None = None) -> None:
+    """failures.TEST_FAULT_ENV, for the failure and signal tests only: kill, raise or hang on one rank at
+    a step, or hold the step until a stop signal has arrived (a run of fast steps cannot end first)."""
     fault = failures.test_fault(run_dir, rank, step)
     if fault == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -540,6 +542,10 @@ def inject_test_fault(run_dir: Path, rank: int, step: int) -> None:
         raise RuntimeError(f"test fault: rank {rank} raises at step {step}")
     elif fault == "hang":
         _hang_for_the_test()
+    elif fault == "await_signal":
+        deadline = time.monotonic() + 120.0  # then go on: the test fails on its assertions, not a hang
+        while stop is not None and not stop.received and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def record_test_keys(run: Run, step: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -106,6 +107,8 @@ def test_test_faults_fire_on_their_rank_and_step_once(tmp_path):
     assert failures.test_fault(tmp_path, 1, 6, env) == ""  # fired already in this run folder
     always = {failures.TEST_FAULT_ENV: "hang:0:2"}
     assert [failures.test_fault(tmp_path, 0, 2, always) for _ in range(2)] == ["hang", "hang"]
+    every = {failures.TEST_FAULT_ENV: "await_signal:*:4:once"}  # every rank, once each
+    assert [failures.test_fault(tmp_path, r, 4, every) for r in (0, 1, 0)] == ["await_signal"] * 2 + [""]
 
 
 def test_watchdog_dumps_every_thread_and_exits_with_its_status(tmp_path: Path):
@@ -180,3 +183,14 @@ def test_the_watchdog_must_speak_before_the_process_groups_timeout():
     with pytest.raises(ConfigError, match=message):
         load_config(TINY, ["dist.hang_timeout_s=900", "dist.collective_timeout_s=600"])
     assert load_config(TINY, ["dist.hang_timeout_s=0"]).dist.collective_timeout_s == 900  # watchdog off
+
+
+def test_a_claim_its_creator_never_wrote_is_taken_over(tmp_path):
+    """A decider killed between creating decision.json and writing it leaves it empty: the next caller
+    decides, writes it and acts (mine), instead of failing on the empty file."""
+    claim = failures.attempt_dir(tmp_path, "7.0") / "decision.json"
+    claim.parent.mkdir(parents=True)
+    claim.touch()
+    decision, mine = failures.settle(tmp_path, "7.0", 1, 3, grace_s=0.0, exit_status=137)
+    assert mine and decision.requeue and json.loads(claim.read_text())["requeue"]
+    assert failures.settle(tmp_path, "7.0", 1, 3, grace_s=0.0) == (decision, False)

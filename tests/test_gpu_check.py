@@ -33,7 +33,9 @@ def test_gpu_check_cpu_mode_passes_and_writes_its_table(tmp_path):
     table = (tmp_path / "gpu-check.md").read_text()
     assert out.read_text() == table and table in proc.stdout
     logs = (tmp_path / "copy" / "table-logs.txt").read_text()  # beside --out: why a step failed, if one did
-    assert "===== gpu-check.json" in logs and "===== train-attempt1.log" in logs
+    steps = ("tests", "make-shards", "train-attempt1", "train-attempt2", "gpu_step-batch4")
+    for name in ("gpu-check.json", *steps):
+        assert f"===== {name}" in logs, name
     assert "| check | result | seconds | figures |" in table and "4 of 4 checks passed" in table
     record = json.loads((tmp_path / "gpu-check.json").read_text())
     rows = {r["check"]: r for r in record["rows"]}
@@ -48,7 +50,7 @@ def test_gpu_check_cpu_mode_passes_and_writes_its_table(tmp_path):
         assert bench["mean_teacher"]["images_per_s"] > 0 and bench["supervised"]["images_per_s"] > 0
 
 
-def test_a_step_that_times_out_takes_every_process_it_started_with_it():
+def test_a_step_that_times_out_takes_every_process_it_started_with_it(tmp_path):
     """A timed-out step (a cold torch.compile in the CUDA tests, say) must not leave its children on the
     GPU for the next steps: the step's whole session is killed."""
     spawn = (
@@ -56,8 +58,10 @@ def test_a_step_that_times_out_takes_every_process_it_started_with_it():
         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
         "print(child.pid, flush=True); time.sleep(60)"
     )
+    log = tmp_path / "step.log"
     with pytest.raises(gpu_check.CheckFailed, match="timed out after 2 s") as failed:
-        gpu_check.run_group([sys.executable, "-c", spawn], dict(os.environ), timeout=2)
+        gpu_check.run_group([sys.executable, "-c", spawn], dict(os.environ), timeout=2, log=log)
+    assert log.read_text().split() == [str(failed.value).split(": ")[1].split()[0]]  # kept on a timeout
     grandchild = int(str(failed.value).split(": ")[1].split()[0])
     deadline = time.monotonic() + 5
     while _alive(grandchild) and time.monotonic() < deadline:

@@ -37,7 +37,9 @@ if TYPE_CHECKING:
 pytest_plugins = ["slurm_fixtures"]  # the session fixture slurm_cluster
 pytestmark = pytest.mark.slow
 JOB_TIMEOUT_S = 600  # the first DeepSpeed start on a fresh machine JIT-compiles an op (about 2 min)
-SIGNAL_STEPS = 12  # signalled after step 2: 10 steps (several seconds) left to catch it in
+SIGNAL_STEPS = 12  # signalled after step 2; the tiny steps take ~30 ms when the machine is idle, so
+# every rank holds step 4 until the signal has arrived (AWAIT_SIGNAL) and the run stops after step 5
+AWAIT_SIGNAL = {TEST_FAULT_ENV: "await_signal:*:4:once"}
 
 
 def train_overrides(shards: dict[str, str], run_dir: Path, max_steps: int = 4) -> list[str]:
@@ -160,7 +162,8 @@ def test_sbatch_script_trains_and_requeues_itself_after_a_signal(
         str(TINY),
         *train_overrides(mnist_shards, run_dir, max_steps=SIGNAL_STEPS),
     ]
-    submitted = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=slurm_cluster.env)
+    env = slurm_cluster.env | AWAIT_SIGNAL
+    submitted = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip()
     interrupt_when_training(slurm_cluster, run_dir, job_id, "SIGUSR1", tmp_path / f"{job_id}.out")
@@ -184,7 +187,7 @@ def test_submitit_signal_checkpoints_requeues_and_resumes(
     checkpoint and ends with the uninterrupted job's student, optimizer and teacher, bitwise."""
     run_dir = tmp_path / "run"
     overrides = [*train_overrides(mnist_shards, run_dir, max_steps=SIGNAL_STEPS), "checkpoint.resume=never"]
-    proc = launch([*overrides, *cluster_overrides(1)], slurm_cluster)
+    proc = launch([*overrides, *cluster_overrides(1)], slurm_cluster, AWAIT_SIGNAL)
     assert proc.returncode == 0, proc.stderr
     job_id = job_id_of(proc.stdout)
     rank0_log = run_dir / "slurm" / f"{job_id}_0_log.err"

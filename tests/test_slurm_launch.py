@@ -284,12 +284,15 @@ def test_after_srun_decides_only_for_a_step_killed_without_a_decision(tmp_path, 
         return after_srun(status, folder, {"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": str(restart)})
 
     assert not any(after(status, 0) for status in (0, 1, 143, 255))  # not a kill
-    failures.mark_stopped(run_dir, {failures.ATTEMPT_ENV: "42.1"})
-    assert not after(137, 1)  # killed after the loop stopped for a signal: a requeue already
+    failures.mark_ended(run_dir, {failures.ATTEMPT_ENV: "42.1"})
+    assert not after(137, 1)  # killed after the run completed or stopped for a signal
     assert after(137, 2)  # killed outright, no task left: decided here and requeued
-    assert not after(139, 2)  # the same attempt again: decided once
+    assert not after(139, 2)  # the same attempt again: decided and requeued once
     (decision,) = failures.decisions(run_dir)
     assert decision["attempt"] == "42.2" and decision["requeue"] and "exit status 137" in decision["cause"]
     assert calls.read_text() == "requeue 42\n"
+    # a task decided to requeue but was killed before its scontrol (no "requeued" mark): requeued here
+    failures.settle(run_dir, "42.3", 1, cfg.cluster.max_failures, 0.0)
+    assert after(137, 3) and calls.read_text() == "requeue 42\n" * 2 and len(failures.decisions(run_dir)) == 2
     resumed = DelayedSubmission.load(JobPaths(folder, job_id="42").submitted_pickle).function.cfg
     assert resumed.checkpoint.resume == "auto"  # the restarted job continues the run folder
