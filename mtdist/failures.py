@@ -220,14 +220,16 @@ def settle(
     A later caller gets the decision already made, and False.
     """
     claim = attempt_dir(run_dir, attempt) / "decision.json"
-    orphaned = claim.is_file() and not (text := _read_when_written(claim))
-    if claim.is_file() and not orphaned:
+    text = _read_when_written(claim) if claim.is_file() else None
+    if text:
         return Decision(**json.loads(text)), False
+    orphaned = text == ""  # a claim its creator never wrote (killed between create and write)
     records = wait_for_records(run_dir, attempt, world_size, grace_s)
     decision = decide(records, world_size, history(run_dir), max_failures, exit_status)
     claim.parent.mkdir(parents=True, exist_ok=True)
-    try:  # a claim its creator never wrote (killed between create and write) is taken over
-        fd = os.open(claim, os.O_WRONLY | os.O_TRUNC if orphaned else os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    flags = (os.O_WRONLY | os.O_TRUNC) if orphaned else (os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    try:  # an orphaned claim is taken over
+        fd = os.open(claim, flags)
     except FileExistsError:
         text = _read_when_written(claim)
         return (Decision(**json.loads(text)), False) if text else (decision, False)
