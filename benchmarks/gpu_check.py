@@ -1,6 +1,6 @@
 """`make gpu-check`: the whole GPU path in one command, its figures in one table (8 minutes at most).
 
-1. the CUDA-marked tests (tests/test_cuda.py: flat buffers in channels_last, bf16 autocast student and
+1. the CUDA-marked tests (tests/test_cuda.py: flat buffers, NHWC activations, bf16 autocast student and
    teacher, the fp32 EMA, pinned uint8 input normalized on the device, fused optimizer, model.compile);
 2. a real `mtdist train` of 100 steps on one GPU (nccl, bf16, channels_last, 4 loader workers) on JPEG
    shards it writes with `mtdist make-shards`: checkpoints every 25 steps, killed (SIGKILL) inside the

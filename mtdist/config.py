@@ -67,7 +67,7 @@ class ModelConfig:
     small_input: bool = False
     dropout: float = 0.0
     width: int = 64
-    channels_last: bool = False  # CUDA only: NHWC convolutions for tensor cores
+    channels_last: bool = False  # CUDA only: NHWC inputs and activations for tensor cores (weights NCHW)
     compile: bool = False  # torch.compile student and teacher in place (first step pays the compilation)
     # BN batch statistics over a group of ranks (student and teacher, train mode); off: each rank's own
     sync_bn: bool = False

@@ -117,7 +117,11 @@ def build_teacher(cfg: Config, student: nn.Module, device: torch.device, plan: P
 
 
 def place_model(module: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
-    """On `device`, NHWC on CUDA when model.channels_last (tensor-core convolutions).
+    """On `device`; the weights stay NCHW even with model.channels_last, which makes the input batches
+    (so every activation) NHWC (to_device): DeepSpeed's engine broadcasts each parameter viewed as bytes
+    at its start, which an NHWC conv weight cannot be (its last stride is not 1), and ZeRO 1/2 re-point
+    the weights into NCHW buffers anyway. cuDNN takes an NHWC input with an NCHW weight by copying the
+    weight to NHWC per convolution: small next to the activations.
 
     Must run before flatten_parameters_ or Teacher(): both keep the parameters as views of one
     buffer, and a later .to() would replace the views with fresh tensors the EMA never touches.
@@ -125,8 +129,6 @@ def place_model(module: nn.Module, cfg: Config, device: torch.device) -> nn.Modu
     take their train-mode BN statistics over the group (README: "BatchNorm at small per-GPU batches").
     """
     module = module.to(device)
-    if cfg.model.channels_last and device.type == "cuda":
-        module = module.to(memory_format=torch.channels_last)
     if cfg.model.sync_bn:
         module = convert_sync_batchnorm(module, cfg.model.sync_bn_group_size)
     return module

@@ -1,6 +1,6 @@
-"""The GPU path on a GPU (`-m cuda`; `make gpu-check` runs these): flat parameter buffers in channels_last,
-bf16 autocast student and teacher with fp32 weights, the fp32 EMA update, pinned uint8 ImageNet batches
-normalized on the device, the fused optimizer, model.compile.
+"""The GPU path on a GPU (`-m cuda`; `make gpu-check` runs these): flat parameter buffers (NCHW weights)
+with NHWC activations, bf16 autocast student and teacher with fp32 weights, the fp32 EMA update, pinned
+uint8 ImageNet batches normalized on the device, the fused optimizer, model.compile.
 
 Skipped without CUDA. MTDIST_TEST_DEVICE=cpu runs the same tests on the CPU (`gpu_check --cpu` does, so
 the tests themselves are exercised here); there channels_last and pinning are not applied, as in training,
@@ -45,6 +45,13 @@ def recorder(name):
     return hook
 for name, module in (("student", student), ("teacher", teacher.module)):
     module.head_cls.register_forward_hook(recorder(name))
+stem_nhwc = {}
+def nhwc_recorder(name):
+    def hook(module, inputs, output):
+        stem_nhwc.setdefault(name, output.is_contiguous(memory_format=torch.channels_last))
+    return hook
+for name, module in (("student", student), ("teacher", teacher.module)):
+    module.stem[0].register_forward_hook(nhwc_recorder(name))
 teacher_before = [p.detach().clone() for p in teacher.module.parameters()]
 step(0)
 expected = [torch.lerp(t, s.detach().float(), 0.5) for t, s in zip(teacher_before, student.parameters())]
@@ -58,6 +65,7 @@ print(json.dumps({
     "teacher_flat": flat_view(list(teacher.module.parameters())) is not None,
     "student_nhwc": convs_nhwc(student),
     "teacher_nhwc": convs_nhwc(teacher.module),
+    "stem_out_nhwc": stem_nhwc,
     "student_weights": sorted({str(p.dtype) for p in student.parameters()}),
     "teacher_weights": sorted({str(p.dtype) for p in teacher.module.parameters()}),
     "head_dtypes": dtypes,
@@ -96,10 +104,12 @@ def test_engine_runs_on_the_device(engine_step):
     assert engine_step["device"] == DEVICE and engine_step["loss_finite"]
 
 
-def test_flat_buffers_in_channels_last(engine_step):
-    """Student and teacher parameters each tile one flat buffer, conv weights NHWC on CUDA."""
+def test_flat_buffers_with_nhwc_activations(engine_step):
+    """Student and teacher parameters each tile one flat buffer of NCHW weights (DeepSpeed's start cannot
+    take NHWC ones: train.place_model), and with model.channels_last the activations are NHWC on CUDA."""
     assert engine_step["student_flat"] and engine_step["teacher_flat"]
-    assert engine_step["student_nhwc"] is ON_CUDA and engine_step["teacher_nhwc"] is ON_CUDA
+    assert not engine_step["student_nhwc"] and not engine_step["teacher_nhwc"]
+    assert engine_step["stem_out_nhwc"] == {"student": ON_CUDA, "teacher": ON_CUDA}
 
 
 def test_bf16_autocast_student_and_teacher_with_fp32_weights(engine_step):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -142,3 +143,42 @@ def test_deepspeed_is_told_the_gpu_the_student_is_on():
     assert engine_args(torch.device("cuda", 0)).device_rank == 0
     assert engine_args(torch.device("cuda", 3)).device_rank == 3
     assert engine_args(torch.device("cpu")) is None  # DeepSpeed's CPU accelerator: as before
+
+
+LAYOUTS = """
+import json, torch, deepspeed
+from mtdist.ema import flatten_parameters_
+from mtdist.models import build_model
+from mtdist.preflight import init_single_process
+init_single_process()
+config = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "zero_allow_untested_optimizer": True}
+
+def engine(model):
+    flatten_parameters_(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return deepspeed.initialize(model=model, optimizer=opt, config=config, dist_init_required=False)[0]
+
+try:
+    engine(build_model("resnet18", 10, width=4, small_input=True).to(memory_format=torch.channels_last))
+    nhwc_weights = "accepted"
+except RuntimeError as err:
+    nhwc_weights = str(err)
+student = engine(build_model("resnet18", 10, width=4, small_input=True))  # NCHW weights, as place_model
+seen = []
+nhwc = torch.channels_last
+student.module.stem[0].register_forward_hook(lambda m, i, o: seen.append(o.is_contiguous(memory_format=nhwc)))
+x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)  # as to_device on CUDA
+loss = student(x)[0].logsumexp(1).mean()
+student.backward(loss)
+student.step()
+print(json.dumps({"nhwc_weights": nhwc_weights, "activations_nhwc": seen, "loss": float(loss)}))
+"""
+
+
+def test_deepspeed_takes_nchw_weights_with_nhwc_activations():
+    """Why model.channels_last leaves the weights NCHW (train.place_model): the real engine, at its
+    start, broadcasts every parameter viewed as bytes, which an NHWC conv weight cannot be. NCHW weights
+    with an NHWC input batch train, and the activations stay NHWC (on CPU here; cuDNN the same)."""
+    got = json.loads(run_python(["-c", LAYOUTS], timeout=300).stdout.strip().splitlines()[-1])
+    assert "must be 1 to view Float as Byte" in got["nhwc_weights"], got
+    assert got["activations_nhwc"] == [True] and math.isfinite(got["loss"]), got
