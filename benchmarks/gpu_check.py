@@ -119,8 +119,9 @@ def timed(check: str, fn: Callable[[], tuple[str, dict]]) -> Row:
 
 def child_env(profile: Profile) -> dict[str, str]:
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    if profile.device == "cpu":  # no GPU for torch or DeepSpeed, whatever the machine has
+    if profile.device == "cpu":  # no GPU for torch or DeepSpeed, whatever the machine has; NHWC inputs
         env |= {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"}
+        env |= {"MTDIST_TEST_NHWC_ON_CPU": "1"}  # dist.NHWC_ON_CPU_ENV: the GPU's layout, on the CPU
     return env
 
 

@@ -72,6 +72,17 @@ def dist_env_from_environ(environ: Mapping[str, str] | None = None) -> DistEnv:
     )
 
 
+# Tests only: "1" applies model.channels_last on the CPU too, so that the CUDA path's NHWC inputs run
+# where no GPU is (tests/test_cuda.py on the CPU, benchmarks/gpu_check.py --cpu).
+NHWC_ON_CPU_ENV = "MTDIST_TEST_NHWC_ON_CPU"
+
+
+def nhwc_inputs(channels_last: bool, device: torch.device) -> bool:
+    """Whether input batches (so every activation) go NHWC: model.channels_last, on CUDA, where cuDNN's
+    tensor-core convolutions want it (the weights stay NCHW: train.place_model)."""
+    return channels_last and (device.type == "cuda" or os.environ.get(NHWC_ON_CPU_ENV) == "1")
+
+
 def pick_device(env: DistEnv) -> torch.device:
     """cuda:<local rank>, or cuda:0 when Slurm/submitit already narrowed CUDA_VISIBLE_DEVICES to one GPU."""
     if not torch.cuda.is_available():

@@ -10,7 +10,7 @@ import torch
 
 from mtdist import data as mtdata
 from mtdist.config import Config, ConfigError
-from mtdist.dist import DistEnv, pick_device
+from mtdist.dist import DistEnv, nhwc_inputs, pick_device
 from mtdist.plan import Plan
 
 
@@ -67,7 +67,7 @@ def make_transforms(cfg: Config, env: DistEnv) -> tuple[mtdata.Transform, mtdata
     """(train, eval) transforms. Batched ones finish each batch on this rank's device (ImageNet: the
     pinned uint8 batch is copied there and color-jittered and normalized, NHWC if model.channels_last)."""
     d, device = cfg.data, pick_device(env)
-    where = {"device": device, "channels_last": cfg.model.channels_last and device.type == "cuda"}
+    where = {"device": device, "channels_last": nhwc_inputs(cfg.model.channels_last, device)}
     return mtdata.make_transforms(d.augment, d.image_size, d.channels, **where, **_augment_kwargs(cfg))
 
 

@@ -160,13 +160,15 @@ def synthetic_batch(cfg: Config, device: torch.device, seed: int = 0) -> tuple[t
     """Two normalized views and labels (-1 = unlabeled, as the loaders mark them) of the configured shape."""
     import torch
 
+    from mtdist.dist import nhwc_inputs
+
     g = torch.Generator().manual_seed(seed)
     d = cfg.data
     shape = (d.batch_size, d.channels, d.image_size, d.image_size)
     labels = torch.randint(0, d.num_classes, (d.batch_size,), generator=g)
     labels[d.labeled_batch_size :] = -1
     views = [torch.randn(shape, generator=g).to(device) for _ in range(2)]
-    if cfg.model.channels_last and device.type == "cuda":
+    if nhwc_inputs(cfg.model.channels_last, device):
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     return views[0], views[1], labels.to(device)
 

@@ -26,7 +26,7 @@ from mtdist import checkpoint, failures
 from mtdist.checkpoint import TrainState
 from mtdist.config import Config, load_config_dict, save_config, to_dict
 from mtdist.data import EvalBatches
-from mtdist.dist import DistEnv, dist_env_from_environ, init_process_group, sum_over_ranks
+from mtdist.dist import DistEnv, dist_env_from_environ, init_process_group, nhwc_inputs, sum_over_ranks
 from mtdist.ema import Teacher, check_synchronized, flatten_parameters_
 from mtdist.engine import build_engine, init_distributed, load_checkpoint
 from mtdist.evaluate import evaluate
@@ -266,7 +266,7 @@ def save_checkpoint(run: Run) -> Path:
 
 def to_device(batch: tuple[torch.Tensor, ...], run: Run) -> tuple[torch.Tensor, ...]:
     out = [t.to(run.device, non_blocking=True) for t in batch]
-    if run.cfg.model.channels_last and run.device.type == "cuda":
+    if nhwc_inputs(run.cfg.model.channels_last, run.device):
         out[0], out[1] = (t.contiguous(memory_format=torch.channels_last) for t in out[:2])
     return tuple(out)
 
@@ -317,7 +317,7 @@ class Window:
 def evaluate_both(run: Run, spec: str, step: int, prefix: str) -> dict[str, float]:
     """Student and teacher on the same split; the teacher's rank-sync is checked first."""
     out: dict[str, float] = {}
-    cl = run.cfg.model.channels_last and run.device.type == "cuda"
+    cl = nhwc_inputs(run.cfg.model.channels_last, run.device)
     models = {"student": run.engine.module}
     if run.teacher is not None:
         run.watchdog.beat(f"{prefix}: teacher sync check (all_gather of hashes)")

@@ -3,9 +3,9 @@ with NHWC activations, bf16 autocast student and teacher with fp32 weights, the 
 uint8 ImageNet batches normalized on the device, the fused optimizer, model.compile.
 
 Skipped without CUDA. MTDIST_TEST_DEVICE=cpu runs the same tests on the CPU (`gpu_check --cpu` does, so
-the tests themselves are exercised here); there channels_last and pinning are not applied, as in training,
-and the compiled step is skipped (compiling it takes minutes on 2 cores; tests/test_gpu_path.py checks
-the compile wiring).
+the tests themselves are exercised here); there the NHWC inputs of model.channels_last are applied too
+(dist.NHWC_ON_CPU_ENV), pinning is not, and the compiled step is skipped (compiling it takes minutes on
+2 cores; tests/test_gpu_path.py checks the compile wiring).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, TINY
+
+from mtdist.dist import NHWC_ON_CPU_ENV
 
 DEVICE = os.environ.get("MTDIST_TEST_DEVICE", "cuda")
 ON_CUDA = DEVICE == "cuda"
@@ -33,8 +35,9 @@ from mtdist.config import load_config
 from mtdist.ema import flat_view
 from mtdist.preflight import SyntheticStep, init_single_process
 device = init_single_process()
+# RGB input: a 1-channel NCHW batch is NHWC too (ambiguous strides), and convolutions then keep NCHW
 cfg = load_config(sys.argv[1], ["model.channels_last=true", "deepspeed.bf16=true", "data.labeled_size=80",
-                                "data.unlabeled_size=240", *sys.argv[2:]])
+                                "data.unlabeled_size=240", "data.channels=3", *sys.argv[2:]])
 step = SyntheticStep(cfg, device)
 engine, teacher = step.engine, step.teacher
 student = engine.module
@@ -81,8 +84,8 @@ print(json.dumps({
 def run_engine_script(*overrides: str) -> dict:
     """ENGINE_STEP in a fresh process on DEVICE (on the CPU: no GPU visible to torch or DeepSpeed)."""
     env = os.environ | {"OMP_NUM_THREADS": "2"}
-    if not ON_CUDA:
-        env |= {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+    if not ON_CUDA:  # the CPU still takes the NHWC inputs of model.channels_last (dist.nhwc_inputs)
+        env |= {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu", NHWC_ON_CPU_ENV: "1"}
     proc = subprocess.run(
         [sys.executable, "-c", ENGINE_STEP, str(TINY), *overrides],
         capture_output=True,
@@ -106,10 +109,11 @@ def test_engine_runs_on_the_device(engine_step):
 
 def test_flat_buffers_with_nhwc_activations(engine_step):
     """Student and teacher parameters each tile one flat buffer of NCHW weights (DeepSpeed's start cannot
-    take NHWC ones: train.place_model), and with model.channels_last the activations are NHWC on CUDA."""
+    take NHWC ones: train.place_model), and with model.channels_last the activations are NHWC (on the
+    CPU too here, by dist.NHWC_ON_CPU_ENV)."""
     assert engine_step["student_flat"] and engine_step["teacher_flat"]
     assert not engine_step["student_nhwc"] and not engine_step["teacher_nhwc"]
-    assert engine_step["stem_out_nhwc"] == {"student": ON_CUDA, "teacher": ON_CUDA}
+    assert engine_step["stem_out_nhwc"] == {"student": True, "teacher": True}
 
 
 def test_bf16_autocast_student_and_teacher_with_fp32_weights(engine_step):
