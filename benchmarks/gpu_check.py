@@ -120,8 +120,10 @@ def timed(check: str, fn: Callable[[], tuple[str, dict]]) -> Row:
 def child_env(profile: Profile) -> dict[str, str]:
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     if profile.device == "cpu":  # no GPU for torch or DeepSpeed, whatever the machine has; NHWC inputs
+        from mtdist.dist import NHWC_ON_CPU_ENV  # here, not at the top: main sets the CPU's env first
+
         env |= {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"}
-        env |= {"MTDIST_TEST_NHWC_ON_CPU": "1"}  # dist.NHWC_ON_CPU_ENV: the GPU's layout, on the CPU
+        env |= {NHWC_ON_CPU_ENV: "1"}  # the GPU's input layout, on the CPU
     return env
 
 
